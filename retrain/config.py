@@ -1,0 +1,78 @@
+"""One place for `retrain fit` defaults: each setting with its type and a one-line description.
+
+The CLI builds its flags from this table (codelab spellings are aliases); the final config
+is saved into every run folder (report.json) so a run can be repeated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, asdict, dataclass, field, fields
+
+
+def opt(default, help: str, *aliases: str, choices=None, metavar=None):
+    return field(default=default, metadata={"help": help, "aliases": aliases, "choices": choices,
+                                            "metavar": metavar})
+
+
+@dataclass
+class FitConfig:
+    # --- data
+    image_dir: str | None = opt(None, "folder with one subfolder of photos per class", "--image_dir")
+    output: str | None = opt(None, "run folder to write (default runs/<image folder name>)",
+                             "--output_dir", "-o")
+    testing_percentage: float = opt(10.0, "percent of images for the test split", "--testing_percentage")
+    validation_percentage: float = opt(10.0, "percent of images for the validation split",
+                                       "--validation_percentage")
+    # --- backbone and bottlenecks
+    architecture: str = opt("efficientnet_lite0", "frozen ImageNet backbone", "--architecture")
+    cache_dir: str | None = opt(None, "bottleneck cache folder (default: user cache folder)",
+                                "--bottleneck_dir")
+    batch_size: int = opt(32, "images per backbone batch when computing bottlenecks")
+    workers: int = opt(0, "image-decoding threads (0: one per core, at most 4)")
+    provider: str = opt("auto", "ONNX Runtime execution provider", choices=("auto", "cpu", "cuda", "tensorrt"))
+    # --- final layer
+    optimizer: str = opt("auto", "lbfgs: full-batch L-BFGS with L2 chosen on validation (best "
+                         "without tuning); sgd: the codelab's mini-batch gradient descent; auto: sgd "
+                         "when --learning_rate or --how_many_training_steps is given, else lbfgs",
+                         choices=("auto", "lbfgs", "sgd"))
+    learning_rate: float | None = opt(None, "sgd learning rate (codelab default 0.01)", "--learning_rate")
+    how_many_training_steps: int | None = opt(None, "sgd steps (codelab default 4000); lbfgs "
+                                              "iteration cap (default 500)", "--how_many_training_steps")
+    train_batch_size: int = opt(100, "sgd images per step", "--train_batch_size")
+    validation_batch_size: int = opt(-1, "validation images per evaluation (-1: all)",
+                                     "--validation_batch_size")
+    test_batch_size: int = opt(-1, "test images used for the final test (-1: all)", "--test_batch_size")
+    eval_step_interval: int = opt(10, "report train/validation accuracy every N steps",
+                                  "--eval_step_interval")
+    l2: float | None = opt(None, "L2 strength of the final layer (default: chosen on validation)")
+    seed: int = opt(0, "random seed: same seed, same data -> same model")
+    # --- outputs
+    final_tensor_name: str = opt("final_result", "name of the model's output", "--final_tensor_name")
+    output_graph: str | None = opt(None, "also copy model.onnx here", "--output_graph")
+    output_labels: str | None = opt(None, "also copy labels.txt here", "--output_labels")
+    summaries_dir: str | None = opt(None, "TensorBoard event folder", "--summaries_dir")
+    print_misclassified_test_images: bool = opt(False, "list misclassified test images",
+                                                "--print_misclassified_test_images")
+    quiet: bool = opt(False, "no progress bars or messages, only the summary line", "-q")
+    # --- distortions (codelab flags; cached views)
+    flip_left_right: bool = opt(False, "randomly mirror training images", "--flip_left_right")
+    random_crop: float = opt(0.0, "percent of the image to randomly crop away", "--random_crop")
+    random_scale: float = opt(0.0, "percent by which to randomly scale up", "--random_scale")
+    random_brightness: float = opt(0.0, "percent by which to randomly vary brightness",
+                                   "--random_brightness")
+    augment: int = opt(0, "distorted views cached per training image (0: 4 when a distortion "
+                       "flag is set)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def distortions_requested(self) -> bool:
+        return bool(self.flip_left_right or self.random_crop or self.random_scale
+                    or self.random_brightness or self.augment)
+
+
+def config_fields(cls=FitConfig):
+    """(name, default, type-string, metadata) for each setting, in table order."""
+    for f in fields(cls):
+        default = None if f.default is MISSING else f.default
+        yield f.name, default, f.type, f.metadata

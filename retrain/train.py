@@ -1,0 +1,489 @@
+"""`retrain fit`: scan -> bottlenecks -> split -> train the final layer -> export -> report.
+
+The final layer is a softmax (multinomial logistic) regression on standardised bottlenecks.
+Default: full-batch L-BFGS (scipy) for a grid of L2 strengths, the strength picked by
+validation accuracy (then validation cross entropy); no tuning needed, deterministic.
+`--optimizer sgd` (implied by the codelab's --learning_rate / --how_many_training_steps) is
+the codelab's mini-batch gradient descent with its knobs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from retrain.config import FitConfig
+from retrain.errors import ConfigError
+
+L2_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+LBFGS_MAX_ITER = 500
+SGD_LEARNING_RATE = 0.01
+SGD_STEPS = 4000
+
+
+@dataclass
+class Head:
+    """logits = ((x - mu) / sigma) @ W + b, for x of shape (N, C)."""
+
+    W: np.ndarray  # (C, K)
+    b: np.ndarray  # (K,)
+    mu: np.ndarray  # (C,)
+    sigma: np.ndarray  # (C,)
+
+    def logits(self, X: np.ndarray) -> np.ndarray:
+        return ((X - self.mu) / self.sigma) @ self.W + self.b
+
+    def probs(self, X: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+        return softmax(self.logits(X) / temperature)
+
+    def folded(self) -> tuple[np.ndarray, np.ndarray]:
+        """(W', b') acting on raw features: the standardisation folded into the weights."""
+        W = self.W / self.sigma[:, None]
+        return W.astype(np.float32), (self.b - (self.mu / self.sigma) @ self.W).astype(np.float32)
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def standardizer(X: np.ndarray):
+    mu = X.mean(0)
+    sigma = X.std(0) + 1e-6
+    return mu, sigma
+
+
+def _loss_grad(w, Z, Y1, lam, sample_w):
+    """Mean (weighted) cross entropy + lam/2 |W|^2 and its gradient; w packs W (C*K) then b (K)."""
+    C, K = Z.shape[1], Y1.shape[1]
+    W, b = w[: C * K].reshape(C, K), w[C * K:]
+    P = softmax(Z @ W + b)
+    ce = -(sample_w * np.log(np.clip((P * Y1).sum(1), 1e-300, None))).sum()
+    G = (P - Y1) * sample_w[:, None]  # (N, K)
+    gW = Z.T @ G + lam * W
+    gb = G.sum(0)
+    return ce + 0.5 * lam * (W * W).sum(), np.concatenate([gW.ravel(), gb])
+
+
+def accuracy_ce(P: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    if len(y) == 0:
+        return float("nan"), float("nan")
+    acc = float((P.argmax(1) == y).mean())
+    ce = float(-np.log(np.clip(P[np.arange(len(y)), y], 1e-12, 1)).mean())
+    return acc, ce
+
+
+def class_weights(y: np.ndarray, k: int, mode: str | None) -> np.ndarray:
+    """Per-sample weights summing to 1: uniform, or 'balanced' (each class counts equally)."""
+    if mode == "balanced":
+        counts = np.bincount(y, minlength=k).astype(np.float64)
+        w = 1.0 / (k * counts[y])
+    else:
+        w = np.full(len(y), 1.0 / len(y))
+    return w / w.sum()
+
+
+def train_lbfgs(Xtr, ytr, Xva, yva, k, *, l2=None, max_iter=LBFGS_MAX_ITER, eval_every=10,
+                weights=None, log=None):
+    """Fit the head with L-BFGS for each L2 strength (or the given one); keep the best on validation.
+
+    Returns (Head, chosen l2, history of the chosen run, grid results).
+    """
+    from scipy.optimize import minimize
+
+    mu, sigma = standardizer(Xtr)
+    Z = ((Xtr - mu) / sigma).astype(np.float64)
+    Zva = ((Xva - mu) / sigma).astype(np.float64)
+    Y1 = np.eye(k)[ytr]
+    sw = class_weights(ytr, k, weights)
+    C = Z.shape[1]
+    grid = [l2] if l2 is not None else sorted(L2_GRID, reverse=True)  # strong -> weak: warm starts
+    w = np.zeros(C * k + k)
+    results, best = [], None
+    for lam in grid:
+        hist = []
+        it = [0]
+
+        def cb(wk):
+            it[0] += 1
+            if it[0] % eval_every == 0:
+                W, b = wk[: C * k].reshape(C, k), wk[C * k:]
+                tr_acc, tr_ce = accuracy_ce(softmax(Z @ W + b), ytr)
+                va_acc, va_ce = accuracy_ce(softmax(Zva @ W + b), yva)
+                hist.append({"step": it[0], "train_accuracy": tr_acc, "cross_entropy": tr_ce,
+                             "validation_accuracy": va_acc, "validation_cross_entropy": va_ce})
+
+        res = minimize(_loss_grad, w, args=(Z, Y1, lam, sw), jac=True, method="L-BFGS-B", callback=cb,
+                       options={"maxiter": max_iter, "gtol": 1e-6})
+        w = res.x
+        W, b = w[: C * k].reshape(C, k), w[C * k:]
+        tr_acc, tr_ce = accuracy_ce(softmax(Z @ W + b), ytr)
+        va_acc, va_ce = accuracy_ce(softmax(Zva @ W + b), yva)
+        hist.append({"step": it[0], "train_accuracy": tr_acc, "cross_entropy": tr_ce,
+                     "validation_accuracy": va_acc, "validation_cross_entropy": va_ce})
+        r = {"l2": lam, "iterations": int(res.nit), "train_accuracy": tr_acc, "validation_accuracy": va_acc,
+             "validation_cross_entropy": va_ce}
+        results.append(r)
+        if log:
+            log(f"  L2 {lam:g}: {res.nit} iterations, train accuracy {tr_acc:.1%}, "
+                f"validation accuracy {va_acc:.1%} (cross entropy {va_ce:.4f})")
+        if best is None or (va_acc, -va_ce) > (best[0]["validation_accuracy"], -best[0]["validation_cross_entropy"]):
+            best = (r, Head(W.copy(), b.copy(), mu, sigma), hist)
+    r, head, hist = best
+    return head, r["l2"], hist, results
+
+
+def train_sgd(Xtr, ytr, Xva, yva, k, *, learning_rate=SGD_LEARNING_RATE, steps=SGD_STEPS,
+              batch_size=100, eval_every=10, validation_batch_size=-1, seed=0, l2=0.0,
+              weights=None, log=None, quiet=False):
+    """The codelab's loop: mini-batch gradient descent on cross entropy, evaluated every N steps."""
+    from retrain.progress import bar
+
+    rng = np.random.default_rng(seed)
+    mu, sigma = standardizer(Xtr)
+    Z = (Xtr - mu) / sigma
+    Zva = (Xva - mu) / sigma
+    C = Z.shape[1]
+    W = rng.normal(0, 0.001, (C, k)).astype(np.float64)  # codelab: truncated normal, stddev 0.001
+    b = np.zeros(k)
+    Y1 = np.eye(k)[ytr]
+    cw = None
+    if weights == "balanced":
+        counts = np.bincount(ytr, minlength=k)
+        cw = (len(ytr) / (k * counts))[ytr]
+    hist = []
+    for step in bar(range(1, steps + 1), desc="Training", unit="step", quiet=quiet):
+        idx = rng.integers(0, len(ytr), size=min(batch_size, len(ytr)))
+        P = softmax(Z[idx] @ W + b)
+        G = P - Y1[idx]
+        if cw is not None:
+            G *= cw[idx, None]
+        G /= len(idx)
+        W -= learning_rate * (Z[idx].T @ G + l2 * W)
+        b -= learning_rate * G.sum(0)
+        if step % eval_every == 0 or step == steps:
+            tr_acc, tr_ce = accuracy_ce(softmax(Z[idx] @ W + b), ytr[idx])
+            vidx = np.arange(len(yva))
+            if validation_batch_size and validation_batch_size > 0:
+                vidx = rng.choice(len(yva), size=min(validation_batch_size, len(yva)), replace=False)
+            va_acc, va_ce = accuracy_ce(softmax(Zva[vidx] @ W + b), yva[vidx])
+            if not np.isfinite(tr_ce):
+                raise ConfigError(f"training diverged at step {step} (learning rate {learning_rate} "
+                                  "is too high): try a smaller --learning_rate")
+            hist.append({"step": step, "train_accuracy": tr_acc, "cross_entropy": tr_ce,
+                         "validation_accuracy": va_acc, "validation_cross_entropy": va_ce,
+                         "learning_rate": learning_rate})
+            if log and (step % (eval_every * 10) == 0 or step == steps):
+                log(f"Step {step}: Train accuracy = {tr_acc:.1%}, Cross entropy = {tr_ce:.4f}, "
+                    f"Validation accuracy = {va_acc:.1%} (N={len(vidx)})")
+    return Head(W, b, mu, sigma), hist
+
+
+def validate_config(cfg: FitConfig) -> None:
+    """Bad flag values -> one ConfigError naming the value and what is allowed."""
+    def need(cond, msg):
+        if not cond:
+            raise ConfigError(msg)
+
+    need(cfg.image_dir, "no image folder given: retrain fit IMAGE_DIR (one subfolder of photos per class)")
+    for name in ("testing_percentage", "validation_percentage"):
+        v = getattr(cfg, name)
+        need(0 < v < 100, f"--{name} must be between 0 and 100 (exclusive), got {v}")
+    need(cfg.testing_percentage + cfg.validation_percentage < 90,
+         f"--testing_percentage + --validation_percentage must leave at least 10% for training, got "
+         f"{cfg.testing_percentage + cfg.validation_percentage}")
+    need(cfg.learning_rate is None or cfg.learning_rate > 0,
+         f"--learning_rate must be positive, got {cfg.learning_rate}")
+    need(cfg.how_many_training_steps is None or cfg.how_many_training_steps >= 1,
+         f"--how_many_training_steps must be at least 1, got {cfg.how_many_training_steps}")
+    for name in ("train_batch_size", "eval_step_interval", "batch_size"):
+        need(getattr(cfg, name) >= 1, f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    need(cfg.l2 is None or cfg.l2 >= 0, f"--l2 must be >= 0, got {cfg.l2}")
+    need(cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}")
+    need(cfg.final_tensor_name.replace("_", "").replace("/", "").isalnum(),
+         f"--final_tensor_name must be letters, digits and _ , got '{cfg.final_tensor_name}'")
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def device_description(provider: str = "auto") -> str:
+    """e.g. 'CPU: Intel(R) Xeon(R) ... (2 cores), onnxruntime CPUExecutionProvider'."""
+    import platform
+
+    from retrain.runtime import resolve_providers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        eps = [p if isinstance(p, str) else p[0] for p in resolve_providers(provider)]
+    except Exception:
+        eps = ["?"]
+    return f"CPU: {cpu} ({os.cpu_count()} cores); onnxruntime {eps[0]}"
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=1, default=str) + "\n")
+
+
+def fit(cfg: FitConfig, *, log=None) -> dict:
+    """Train a classifier as `cfg` says and write its run folder. Returns the report dict."""
+    from retrain import __version__
+    from retrain.backbones import get_backbone
+    from retrain.bottlenecks import BottleneckCache, default_cache_dir, extract
+    from retrain.evaluate import compute_metrics
+    from retrain.export import write_model
+    from retrain.images import load
+    from retrain.progress import Log
+    from retrain.scan import scan
+    from retrain.split import split_items
+
+    log = log or Log(cfg.quiet)
+    validate_config(cfg)
+    if cfg.distortions_requested():
+        raise ConfigError("distortions (--flip_left_right, --random_crop, --random_scale, "
+                          "--random_brightness, --augment) are not built yet; run without them")
+    bb = get_backbone(cfg.architecture)
+    optimizer = cfg.optimizer
+    if optimizer == "auto":
+        optimizer = "sgd" if (cfg.learning_rate is not None or cfg.how_many_training_steps is not None) else "lbfgs"
+    t_start = time.perf_counter()
+    timings = {}
+
+    t0 = time.perf_counter()
+    s = scan(cfg.image_dir, quiet=cfg.quiet)
+    timings["scan_s"] = round(time.perf_counter() - t0, 3)
+    out = Path(cfg.output or Path("runs") / Path(s.root).name)
+    log(f"Found {len(s.items)} images in {len(s.classes)} classes in {s.root}"
+        + (f" ({len(s.skipped)} unreadable, {len(s.ignored)} non-image files ignored)" if s.skipped or s.ignored else ""))
+
+    warnings_ = []
+    if _has("retrain.check"):
+        from retrain.check import quick_check  # the cheap part of `retrain check`
+
+        warnings_ = quick_check(s)
+        for w in warnings_:
+            log.warn(w)
+
+    t0 = time.perf_counter()
+    cache = BottleneckCache(cfg.cache_dir or default_cache_dir(), bb, log=log)
+    feats, failures, btiming = extract(s.items, bb, cache, provider=cfg.provider, batch_size=cfg.batch_size,
+                                       workers=cfg.workers or None, quiet=cfg.quiet, log=log)
+    timings["bottlenecks_s"] = round(time.perf_counter() - t0, 3)
+    if btiming.get("computed"):
+        log(f"Bottlenecks: {btiming['computed']} computed in {btiming.get('seconds', 0):.1f} s "
+            f"({btiming['computed'] / max(btiming.get('seconds', 1e-9), 1e-9):.0f} images/s), "
+            f"{btiming['cached']} from cache")
+    skipped = s.skipped + [{"path": p, "reason": r} for p, r in failures.items()]
+    ok = [i for i, it in enumerate(s.items) if it.path not in failures]
+    items = [s.items[i] for i in ok]
+    X = feats[ok]
+
+    assign = split_items(items, validation_percentage=cfg.validation_percentage,
+                         testing_percentage=cfg.testing_percentage, classes=s.classes)
+    labels = s.classes
+    y = np.array([labels.index(it.label) for it in items], dtype=np.int64)
+    parts = {name: np.array([i for i, it in enumerate(items) if assign[it.path] == name], dtype=np.int64)
+             for name in ("train", "validation", "test")}
+    if cfg.test_batch_size and cfg.test_batch_size > 0 and len(parts["test"]) > cfg.test_batch_size:
+        rng = np.random.default_rng(cfg.seed)
+        parts["test"] = np.sort(rng.choice(parts["test"], cfg.test_batch_size, replace=False))
+    tr, va, te = parts["train"], parts["validation"], parts["test"]
+    k = len(labels)
+    log(f"Split: {len(tr)} train, {len(va)} validation, {len(te)} test")
+
+    t0 = time.perf_counter()
+    if optimizer == "lbfgs":
+        log(f"Training the final layer (L-BFGS, L2 {'chosen on validation' if cfg.l2 is None else cfg.l2})")
+        head, l2, history, grid = train_lbfgs(X[tr], y[tr], X[va], y[va], k, l2=cfg.l2,
+                                              max_iter=cfg.how_many_training_steps or LBFGS_MAX_ITER,
+                                              eval_every=cfg.eval_step_interval, log=log)
+        train_info = {"optimizer": "lbfgs", "l2": l2, "grid": grid, "steps": history[-1]["step"]}
+    else:
+        lr = cfg.learning_rate if cfg.learning_rate is not None else SGD_LEARNING_RATE
+        steps = cfg.how_many_training_steps or SGD_STEPS
+        log(f"Training the final layer (SGD, learning rate {lr}, {steps} steps, batch {cfg.train_batch_size})")
+        head, history = train_sgd(X[tr], y[tr], X[va], y[va], k, learning_rate=lr, steps=steps,
+                                  batch_size=cfg.train_batch_size, eval_every=cfg.eval_step_interval,
+                                  validation_batch_size=cfg.validation_batch_size, seed=cfg.seed,
+                                  l2=cfg.l2 or 0.0, log=log, quiet=cfg.quiet)
+        train_info = {"optimizer": "sgd", "learning_rate": lr, "steps": steps, "l2": cfg.l2 or 0.0}
+    timings["train_s"] = round(time.perf_counter() - t0, 3)
+
+    paths = [it.path for it in items]
+    metrics = {}
+    for name, idx in parts.items():
+        metrics[name] = compute_metrics(y[idx], head.probs(X[idx]), labels, [paths[i] for i in idx])
+    summary_metrics = {name: {"accuracy": m["accuracy"], "cross_entropy": m["cross_entropy"], "n": m["n"]}
+                       for name, m in metrics.items()}
+
+    # Write into a fresh folder and swap it in at the end: a crash never leaves half a run.
+    t0 = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        W, b = head.folded()
+        check_idx = (va if len(va) else tr)[:8]
+        check_imgs = np.stack([load(paths[i], bb.image_size, bb.crop_fraction) for i in check_idx])
+        expected = head.probs(X[check_idx])
+        parity = write_model(tmp / "model.onnx", bb, W, b, labels=labels, metrics=summary_metrics,
+                             output_name=cfg.final_tensor_name, check=(check_imgs, expected),
+                             extra_meta={"optimizer": train_info["optimizer"]})
+        (tmp / "labels.txt").write_text("".join(f"{c}\n" for c in labels))
+        split_doc = {"rule": "codelab hash of file name (minus _nohash_ suffix), stratified; duplicates together",
+                     "validation_percentage": cfg.validation_percentage,
+                     "testing_percentage": cfg.testing_percentage,
+                     "counts": {n: {c: int((y[idx] == j).sum()) for j, c in enumerate(labels)}
+                                for n, idx in parts.items()},
+                     "files": {n: [os.path.relpath(paths[i], s.root) for i in idx] for n, idx in parts.items()}}
+        _write_json(tmp / "split.json", split_doc)
+        timings["export_s"] = round(time.perf_counter() - t0, 3)
+        timings["total_s"] = round(time.perf_counter() - t_start, 3)
+        n_img = len(s.items) + len(s.skipped)
+        report = {
+            "retrain_version": __version__,
+            "config": {**cfg.to_dict(), "optimizer": optimizer},
+            "image_dir": s.root,
+            "output": str(out),
+            "architecture": bb.name,
+            "backbone": bb.preprocessing() | {"fingerprint": bb.fingerprint(), "params": bb.params},
+            "bottleneck_precision": "float32",
+            "provider": cfg.provider,
+            "labels": labels,
+            "class_counts": s.counts(),
+            "split_counts": {n: len(idx) for n, idx in parts.items()},
+            "train": train_info,
+            "history": history,
+            "metrics": metrics,
+            "export_parity_max_abs_diff": parity,
+            "timings": timings | {"bottleneck_detail": btiming},
+            "images_per_second": round(n_img / max(timings["total_s"], 1e-9), 1),
+            "skipped": skipped,
+            "ignored_files": s.ignored[:1000],
+            "duplicates": s.duplicates(),
+            "data_warnings": warnings_,
+            "device": device_description(cfg.provider),
+            "cache_dir": str(cache.folder),
+        }
+        if cfg.summaries_dir and _has("retrain.summaries"):
+            from retrain.summaries import write_summaries  # TensorBoard events
+
+            write_summaries(cfg.summaries_dir, report, features=X, y=y, paths=paths, parts=parts)
+        _write_json(tmp / "report.json", report)
+        if _has("retrain.report"):
+            from retrain.report import write_run_html
+
+            write_run_html(tmp, report)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if cfg.output_graph:
+        Path(cfg.output_graph).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / "model.onnx", cfg.output_graph)
+    if cfg.output_labels:
+        Path(cfg.output_labels).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / "labels.txt", cfg.output_labels)
+    return report
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+def add_arguments(p) -> None:
+    from retrain.cli import add_config_arguments
+
+    p.add_argument("image_dir_pos", nargs="?", metavar="IMAGE_DIR",
+                   help="folder with one subfolder of photos per class")
+    add_config_arguments(p, FitConfig, raw_lists=SWEEPABLE)
+
+
+SWEEPABLE = ("learning_rate", "architecture", "how_many_training_steps", "train_batch_size", "l2",
+             "optimizer", "seed")
+
+
+def expand_sweep(cfg: FitConfig) -> list[FitConfig]:
+    """Comma lists in sweepable flags (--learning_rate 0.005,0.1,1.0) -> one config per combination.
+
+    Each run goes to <output>/<flag>=<value>[,...]; bottlenecks are shared through the cache.
+    """
+    import dataclasses
+    import itertools
+
+    from retrain.cli import _type_of
+    from retrain.config import config_fields
+
+    types = {n: _type_of(t) for n, _d, t, _m in config_fields(FitConfig)}
+    axes = {}
+    for name in SWEEPABLE:
+        v = getattr(cfg, name)
+        if isinstance(v, str) and "," in v:
+            try:
+                axes[name] = [types[name](x.strip()) for x in v.split(",") if x.strip()]
+            except ValueError:
+                raise ConfigError(f"--{name}: cannot read '{v}' as a list of {types[name].__name__}") from None
+    if not axes:
+        return [cfg]
+    base = Path(cfg.output or Path("runs") / Path(cfg.image_dir).resolve().name)
+    out = []
+    for combo in itertools.product(*axes.values()):
+        changes = dict(zip(axes, combo))
+        tag = ",".join(f"{k}={v}" for k, v in changes.items())
+        out.append(dataclasses.replace(cfg, **changes, output=str(base / tag)))
+    return out
+
+
+def main(args) -> int:
+    from retrain.cli import config_from_args
+    from retrain.progress import Log
+
+    cfg = config_from_args(args, FitConfig, raw_lists=SWEEPABLE)
+    if args.image_dir_pos:
+        if cfg.image_dir and cfg.image_dir != args.image_dir_pos:
+            raise ConfigError(f"two image folders given ({args.image_dir_pos} and --image_dir {cfg.image_dir})")
+        cfg.image_dir = args.image_dir_pos
+    log = Log(cfg.quiet)
+    runs = expand_sweep(cfg)
+    if len(runs) > 1:
+        log(f"Sweep: {len(runs)} runs")
+        for c in runs:
+            _main_one(c, log)
+        return 0
+    return _main_one(cfg, log)
+
+
+def _main_one(cfg: FitConfig, log) -> int:
+    report = fit(cfg, log=log)
+    te = report["metrics"]["test"]
+    if cfg.print_misclassified_test_images and te["misclassified"]:
+        print("=== MISCLASSIFIED TEST IMAGES ===")
+        for r in te["misclassified"]:
+            print(f"{r['path']:>70}  {r['true']} -> {r['predicted']} ({r['confidence']:.3f})")
+    for sk in report["skipped"]:
+        log(f"skipped {sk['path']}: {sk['reason']}")
+    n = sum(report["class_counts"].values())
+    print(f"retrain fit: {n} images, {len(report['labels'])} classes, {len(report['skipped'])} skipped, "
+          f"test accuracy {te['accuracy'] * 100:.1f}% (n={te['n']}), "
+          f"{report['timings']['total_s']:.1f} s -> {report['output']}", file=sys.stdout)
+    return 0
