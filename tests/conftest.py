@@ -1,0 +1,113 @@
+"""Shared fixtures: tiny real images made here, a trained run, and the shared flowers if present.
+
+The backbone's ONNX export and the bottleneck cache go to one temporary cache folder per test
+session (RETRAIN_CACHE), so tests never touch the user's cache and the export happens once.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples" / "flowers"
+UNSEEN = ROOT / "examples" / "unseen"
+SHARED_FLOWERS = ROOT.parent / "shared" / "data" / "flower_photos"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def retrain_cache(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("retrain-cache")
+    old = os.environ.get("RETRAIN_CACHE")
+    os.environ["RETRAIN_CACHE"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("RETRAIN_CACHE", None)
+    else:
+        os.environ["RETRAIN_CACHE"] = old
+
+
+def make_image(path: Path, kind: int, seed: int, size=(96, 80), fmt=None, mode="RGB") -> Path:
+    """A small picture whose class is easy to see: 0 red disc, 1 green stripes, 2 blue squares..."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    base = rng.integers(0, 60, (h, w, 3), dtype=np.uint8)
+    im = Image.fromarray(base, "RGB")
+    d = ImageDraw.Draw(im)
+    jitter = int(rng.integers(-8, 9))
+    if kind % 3 == 0:
+        d.ellipse([w // 4 + jitter, h // 4, 3 * w // 4 + jitter, 3 * h // 4], fill=(220, 40, 40))
+    elif kind % 3 == 1:
+        for x in range(jitter % 12, w, 12):
+            d.rectangle([x, 0, x + 5, h], fill=(40, 200, 60))
+    else:
+        for i in range(4):
+            x, y = rng.integers(0, w - 20), rng.integers(0, h - 20)
+            d.rectangle([x, y, x + 18, y + 18], fill=(40, 60, 230))
+    if mode != "RGB":
+        im = im.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path, fmt)
+    return path
+
+
+def make_dataset(root: Path, classes=("circle", "stripes", "squares"), per_class=6, seed=0) -> Path:
+    for k, c in enumerate(classes):
+        for i in range(per_class):
+            make_image(root / c / f"{c}_{i}.jpg", k, seed * 1000 + k * 100 + i)
+    return root
+
+
+@pytest.fixture()
+def tiny_dataset(tmp_path) -> Path:
+    """3 classes x 6 generated JPEGs (a fresh copy per test: tests may add bad files)."""
+    return make_dataset(tmp_path / "images")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A run folder trained once per session on 3 x 8 generated images (library call)."""
+    from retrain.config import FitConfig
+    from retrain.train import fit
+
+    root = tmp_path_factory.mktemp("tiny")
+    data = make_dataset(root / "images", per_class=8)
+    out = root / "run"
+    fit(FitConfig(image_dir=str(data), output=str(out), quiet=True))
+    return out
+
+
+@pytest.fixture(scope="session")
+def flowers_run(tmp_path_factory) -> Path:
+    """A run trained on the 60 example flower photos committed under examples/."""
+    from retrain.config import FitConfig
+    from retrain.train import fit
+
+    out = tmp_path_factory.mktemp("flowers") / "run"
+    fit(FitConfig(image_dir=str(EXAMPLES), output=str(out), quiet=True))
+    return out
+
+
+@pytest.fixture()
+def shared_flowers() -> Path:
+    if not SHARED_FLOWERS.is_dir():
+        pytest.skip(f"../shared/data/flower_photos not found at {SHARED_FLOWERS}")
+    return SHARED_FLOWERS
+
+
+def run_cli(*args, check=True, timeout=600, env=None, cwd=None) -> subprocess.CompletedProcess:
+    """Run the real `retrain` CLI in a subprocess (python -m retrain)."""
+    e = dict(os.environ)
+    e.update(env or {})
+    p = subprocess.run([sys.executable, "-m", "retrain", *map(str, args)], capture_output=True, text=True,
+                       timeout=timeout, env=e, cwd=cwd)
+    if check and p.returncode != 0:
+        raise AssertionError(f"retrain {' '.join(map(str, args))} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
+    return p

