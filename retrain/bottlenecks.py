@@ -92,6 +92,13 @@ class BottleneckCache:
         os.replace(tmp, path)
 
     def _load(self) -> None:
+        # A process killed mid-write leaves a .tmp- file, never a shard: clear old ones.
+        for p in self.folder.glob(".tmp-*"):
+            try:
+                if time.time() - p.stat().st_mtime > 3600:
+                    p.unlink()
+            except OSError:
+                pass
         shards = sorted(self.folder.glob("shard-*.npz"))
         for p in shards:
             try:
@@ -274,3 +281,47 @@ def extract(items, backbone: Backbone, cache: BottleneckCache, *, provider: str 
     if ok:
         feats[ok] = cache.get([keys[i] for i in ok])
     return feats, failures, timing
+
+
+def extract_views(items, views: int, distortions, backbone: Backbone, cache: BottleneckCache, *,
+                  provider: str = "auto", batch_size: int = 32, workers: int | None = None,
+                  quiet: bool = False, log=print):
+    """Bottlenecks of `views` distorted views of each item (retrain.augment), cached like any other.
+
+    Each view is keyed by key_of(digest, augment.variant(distortions, v)), so a view is computed
+    once and reused by every later run with the same settings.
+    Returns (features (n, views, C) float32 with NaN rows for failures, timing dict).
+    """
+    from retrain import augment
+
+    pairs = [(i, v) for i in range(len(items)) for v in range(views)]
+    keys = [key_of(items[i].digest, augment.variant(distortions, v)) for i, v in pairs]
+    first: dict[bytes, int] = {}
+    for j, k in enumerate(keys):
+        if k not in cache:
+            first.setdefault(k, j)
+    todo = list(first.values())
+    timing = {"cached": len(pairs) - len(todo), "computed": len(todo)}
+    if todo:
+        session = feature_session(backbone, provider=provider, log=log)
+        size, crop = backbone.image_size, backbone.crop_fraction
+
+        def loader(j):
+            i, v = pairs[j]
+            return augment.load_view(items[i].path, items[i].digest, v, distortions, size, crop)
+
+        def on_batch(batch_idx, out):
+            cache.add([keys[todo[b]] for b in batch_idx], out)
+
+        t0 = time.perf_counter()
+        _fails, t = run_pipeline(todo, loader, session, batch_size=batch_size, workers=workers,
+                                 mean=backbone.mean, std=backbone.std, on_batch=on_batch,
+                                 desc="Distorted views", quiet=quiet)
+        timing.update(t, seconds=round(time.perf_counter() - t0, 3))
+        if len(list(cache.folder.glob("shard-*.npz"))) > COMPACT_OVER:
+            cache.compact()
+    feats = np.full((len(pairs), backbone.feature_dim), np.nan, np.float32)
+    ok = [j for j, k in enumerate(keys) if k in cache]
+    if ok:
+        feats[ok] = cache.get([keys[j] for j in ok])
+    return feats.reshape(len(items), views, backbone.feature_dim), timing

@@ -123,16 +123,27 @@ def scan(image_dir, *, quiet: bool = False, allowed_classes: list[str] | None = 
                 f"({', '.join(allowed_classes)}).{did_you_mean(unknown[0], allowed_classes)}")
     items, skipped = [], []
     paths = [(c, p) for c, ps in per_class.items() for p in ps]
-    for label, p in bar(paths, desc="Scanning", unit="file", quiet=quiet):
+    # Hash in threads: hashlib releases the GIL on large buffers, so reading and hashing overlap.
+    from concurrent.futures import ThreadPoolExecutor
+
+    def digest_or_error(p):
         try:
-            digest, n = digest_file(p)
+            return digest_file(p)
         except OSError as e:
-            skipped.append({"path": p, "reason": f"cannot read: {e.strerror or e}"})
-            continue
-        if n == 0:
-            skipped.append({"path": p, "reason": "empty file (0 bytes)"})
-            continue
-        items.append(ImageItem(p, label, digest, n))
+            return e
+
+    with ThreadPoolExecutor(min(4, (os.cpu_count() or 1) + 1)) as pool:
+        results = pool.map(digest_or_error, [p for _, p in paths], chunksize=16)
+        for (label, p), res in zip(paths, bar(results, desc="Scanning", total=len(paths), unit="file",
+                                              quiet=quiet)):
+            if isinstance(res, OSError):
+                skipped.append({"path": p, "reason": f"cannot read: {res.strerror or res}"})
+                continue
+            digest, n = res
+            if n == 0:
+                skipped.append({"path": p, "reason": "empty file (0 bytes)"})
+                continue
+            items.append(ImageItem(p, label, digest, n))
     classes = sorted(per_class)
     empty = [c for c in classes if not per_class[c]]
     return ScanResult(str(root), classes, items, skipped, ignored, empty)
