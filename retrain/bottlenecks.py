@@ -57,14 +57,17 @@ def key_of(digest_hex: str, variant: str = "") -> bytes:
 class BottleneckCache:
     """Features keyed by 16-byte keys, held in memory as a few contiguous arrays."""
 
-    def __init__(self, cache_dir, backbone: Backbone, *, log=None):
+    def __init__(self, cache_dir, backbone: Backbone, *, precision: str = "fp32", log=None):
         self.backbone = backbone
+        self.precision = precision
         self.dim = backbone.feature_dim
-        self.folder = Path(cache_dir).expanduser() / f"{backbone.name}-{backbone.fingerprint()}"
+        suffix = "" if precision == "fp32" else f"-{precision}"
+        self.folder = (Path(cache_dir).expanduser()
+                       / f"{backbone.name}-{backbone.fingerprint(precision)}{suffix}")
         self.folder.mkdir(parents=True, exist_ok=True)
         self.log = log or (lambda m: None)
-        self.meta = {"schema": CACHE_SCHEMA, "backbone": backbone.name,
-                     "fingerprint": backbone.fingerprint(), "preprocessing": backbone.preprocessing(),
+        self.meta = {"schema": CACHE_SCHEMA, "backbone": backbone.name, "precision": precision,
+                     "fingerprint": backbone.fingerprint(precision), "preprocessing": backbone.preprocessing(),
                      "weights_sha256": backbone.sha256, "dtype": "float32", "dim": self.dim}
         meta_path = self.folder / "meta.json"
         old = None
@@ -177,14 +180,14 @@ class BottleneckCache:
 _SESSIONS: dict = {}
 
 
-def feature_session(backbone: Backbone, *, provider: str = "auto", log=print):
+def feature_session(backbone: Backbone, *, provider: str = "auto", precision: str = "fp32", log=print):
     """The (process-wide) ONNX Runtime session of a backbone's feature extractor."""
     from retrain.backbones import features_onnx
     from retrain.runtime import make_session
 
-    key = (backbone.name, provider)
+    key = (backbone.name, provider, precision)
     if key not in _SESSIONS:
-        _SESSIONS[key] = make_session(features_onnx(backbone, log=log), provider=provider)
+        _SESSIONS[key] = make_session(features_onnx(backbone, precision=precision, log=log), provider=provider)
     return _SESSIONS[key]
 
 
@@ -258,7 +261,7 @@ def extract(items, backbone: Backbone, cache: BottleneckCache, *, provider: str 
     timing = {"cached": len(items) - len(todo), "computed": len(todo)}
     failures: dict[str, str] = {}
     if todo:
-        session = feature_session(backbone, provider=provider, log=log)
+        session = feature_session(backbone, provider=provider, precision=cache.precision, log=log)
         size, crop = backbone.image_size, backbone.crop_fraction
 
         def loader(path):
@@ -303,7 +306,7 @@ def extract_views(items, views: int, distortions, backbone: Backbone, cache: Bot
     todo = list(first.values())
     timing = {"cached": len(pairs) - len(todo), "computed": len(todo)}
     if todo:
-        session = feature_session(backbone, provider=provider, log=log)
+        session = feature_session(backbone, provider=provider, precision=cache.precision, log=log)
         size, crop = backbone.image_size, backbone.crop_fraction
 
         def loader(j):

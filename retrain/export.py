@@ -102,13 +102,17 @@ def verify(model_path, x_uint8: np.ndarray, expected: np.ndarray, *, tol: float 
 
 
 def write_model(path: Path, backbone, W, b, *, labels, metrics, output_name="final_result",
-                extra_meta=None, temperature: float = 1.0, check=None) -> float:
-    """Build, save and verify model.onnx. `check` = (uint8 images, expected probs). Returns max diff."""
+                extra_meta=None, temperature: float = 1.0, check=None, precision: str = "fp32") -> float:
+    """Build, save and verify model.onnx on the backbone graph of the bottlenecks' precision.
+
+    `check` = (uint8 images, expected probs). Returns the max probability difference.
+    """
     from retrain.backbones import features_onnx
 
-    m = attach_head(features_onnx(backbone), W, b, output_name=output_name, temperature=temperature)
-    set_metadata(m, model_metadata(labels=labels, backbone=backbone, metrics=metrics,
-                                   output_name=output_name, extra=extra_meta))
+    m = attach_head(features_onnx(backbone, precision=precision), W, b, output_name=output_name,
+                    temperature=temperature)
+    set_metadata(m, model_metadata(labels=labels, backbone=backbone, metrics=metrics, output_name=output_name,
+                                   extra={"backbone_precision": precision, **(extra_meta or {})}))
     import onnx
 
     onnx.checker.check_model(m)
