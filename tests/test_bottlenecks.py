@@ -81,3 +81,15 @@ def test_kill_9_during_bottlenecks_then_resume(tmp_path):
     r = run_cli("fit", data, "-o", tmp_path / "run", "--cache-dir", cache)
     assert f"{240 - done} computed" in r.stderr and f"{done} from cache" in r.stderr
     assert (tmp_path / "run" / "model.onnx").is_file()
+
+
+def test_int8_bottlenecks_have_their_own_cache_and_agree_with_fp32(tiny_dataset, tmp_path):
+    s = scan(tiny_dataset, quiet=True)
+    f32, _, _ = extract(s.items, BB, BottleneckCache(tmp_path / "c", BB), quiet=True)
+    c8 = BottleneckCache(tmp_path / "c", BB, precision="int8")
+    assert c8.folder != BottleneckCache(tmp_path / "c", BB).folder and len(c8) == 0
+    f8, _, t = extract(s.items, BB, c8, quiet=True)
+    assert t["computed"] == len(s.items)
+    cos = (f8 * f32).sum(1) / (np.linalg.norm(f8, axis=1) * np.linalg.norm(f32, axis=1))
+    assert cos.mean() > 0.93 and not np.array_equal(f8, f32)  # off-domain synthetic images
+    assert '"precision": "int8"' in (c8.folder / "meta.json").read_text()
