@@ -64,7 +64,7 @@ def add_config_arguments(p, cls, raw_lists=()) -> None:
             if a not in flags:
                 flags.append(a)
         t = str if name in raw_lists else _type_of(type_str)  # sweep lists are parsed later
-        help_ = f"{meta.get('help', '')} (default: {default})"
+        help_ = f"{meta.get('help', '')} (default: {default})".replace("%", "%%")
         if t is bool:
             p.add_argument(*flags, dest=name, action="store_true", default=argparse.SUPPRESS, help=help_)
         else:

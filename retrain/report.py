@@ -1,0 +1,428 @@
+"""report.html: one self-contained page per run (or evaluation) that a person would rather read.
+
+Everything is inline: charts are SVG drawn here (no matplotlib, no JavaScript, no CDN),
+thumbnails are small JPEG data URIs (at most GALLERY_MAX of them, THUMB_SIDE px), so the file
+opens offline, can be mailed, and stays small. `retrain report RUN` rewrites it from
+RUN/report.json (e.g. after a new version of retrain).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from pathlib import Path
+
+GALLERY_MAX = 48  # misclassified thumbnails shown (most confident mistakes first)
+THUMB_SIDE = 160  # px, longer side of a gallery thumbnail
+LIST_MAX = 200  # rows of skipped files / duplicate groups shown
+COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+          "#7f7f7f", "#bcbd22")
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#222;background:#f6f7f9}
+main{max-width:1100px;margin:0 auto;padding:16px 24px 48px}
+h1{font-size:22px;margin:8px 0 2px} h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #ddd;padding-bottom:4px}
+.sub{color:#666;margin:0 0 12px;word-break:break-all}
+.cards{display:flex;flex-wrap:wrap;gap:10px}
+.card{background:#fff;border:1px solid #e2e4e8;border-radius:8px;padding:8px 14px;min-width:120px}
+.card b{display:block;font-size:20px} .card span{color:#666;font-size:12px}
+.warn{background:#fff8e1;border:1px solid #f0d48a;border-radius:6px;padding:6px 12px;margin:4px 0}
+table{border-collapse:collapse;background:#fff} td,th{border:1px solid #e2e4e8;padding:3px 8px;text-align:right}
+th{background:#f0f1f4} td.l,th.l{text-align:left}
+table.cm td{min-width:44px;text-align:center;font-variant-numeric:tabular-nums}
+.row{display:flex;flex-wrap:wrap;gap:20px;align-items:flex-start;margin-bottom:10px}
+.gallery{display:flex;flex-wrap:wrap;gap:10px}
+figure{margin:0;background:#fff;border:1px solid #e2e4e8;border-radius:6px;padding:6px;width:172px}
+figure img{display:block;max-width:160px;max-height:160px;margin:0 auto}
+figcaption{font-size:12px;margin-top:4px;word-break:break-all} .bad{color:#c62828} .ok{color:#2e7d32}
+.missing{width:160px;height:100px;display:flex;align-items:center;justify-content:center;color:#999;background:#eee}
+svg text{font:11px system-ui,sans-serif;fill:#444} .mono{font-family:ui-monospace,monospace;font-size:12px}
+details{margin:6px 0} summary{cursor:pointer}
+"""
+
+
+def esc(x) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{v * 100:.1f}%"
+
+
+# ------------------------------------------------------------------------------------ charts
+
+def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    import math
+
+    if hi <= lo:
+        hi = lo + 1
+    raw = (hi - lo) / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = min((m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw), default=raw)
+    start = math.ceil(lo / step) * step
+    ticks, v = [], start
+    while v <= hi + 1e-9 * step:
+        ticks.append(round(v, 10))
+        v += step
+    return ticks
+
+
+def svg_line_chart(series, *, title: str, xlabel: str = "step", ylabel: str = "", width: int = 520,
+                   height: int = 280, ylim=None, css_id: str | None = None) -> str:
+    """Inline SVG: series = [(name, [(x, y), ...], dashed)] -> one polyline each, with a legend."""
+    pts = [(x, y) for _, xy, _ in series for x, y in xy if y is not None and y == y]
+    if not pts:
+        return f'<p class="sub">{esc(title)}: no data</p>'
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    x0, x1 = min(xs), max(xs)
+    if x1 == x0:
+        x1 = x0 + 1
+    y0, y1 = ylim if ylim else (min(ys), max(ys))
+    if y0 is None:
+        y0 = min(ys)
+    if y1 is None:
+        y1 = max(ys)
+    if y1 == y0:
+        y0, y1 = y0 - 0.5, y1 + 0.5
+    L, R, T, B = 52, 12, 26, 40
+    longest = max(len(name) for name, _, _ in series)
+    lw = min(280, 34 + 7 * longest) if len(series) > 1 else 0  # legend column
+    pw, ph = width - L - R - lw, height - T - B
+
+    def sx(x):
+        return L + (x - x0) / (x1 - x0) * pw
+
+    def sy(y):
+        return T + ph - (min(max(y, y0), y1) - y0) / (y1 - y0) * ph
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" role="img" aria-label="{esc(title)}"'
+           + (f' id="{esc(css_id)}"' if css_id else "") + ' style="background:#fff;border:1px solid #e2e4e8">',
+           f'<text x="{L}" y="16" style="font-weight:600;font-size:13px">{esc(title)}</text>']
+    for t in _nice_ticks(y0, y1):
+        out.append(f'<line x1="{L}" x2="{L + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" stroke="#eee"/>'
+                   f'<text x="{L - 6}" y="{sy(t) + 4:.1f}" text-anchor="end">{t:g}</text>')
+    for t in _nice_ticks(x0, x1):
+        out.append(f'<line x1="{sx(t):.1f}" x2="{sx(t):.1f}" y1="{T + ph}" y2="{T + ph + 4}" stroke="#888"/>'
+                   f'<text x="{sx(t):.1f}" y="{T + ph + 16}" text-anchor="middle">{t:g}</text>')
+    out.append(f'<rect x="{L}" y="{T}" width="{pw}" height="{ph}" fill="none" stroke="#bbb"/>')
+    out.append(f'<text x="{L + pw / 2}" y="{height - 6}" text-anchor="middle">{esc(xlabel)}</text>')
+    if ylabel:
+        out.append(f'<text transform="translate(12,{T + ph / 2}) rotate(-90)" '
+                   f'text-anchor="middle">{esc(ylabel)}</text>')
+    for i, (name, xy, dashed) in enumerate(series):
+        c = COLORS[i % len(COLORS)]
+        good = [(x, y) for x, y in xy if y is not None and y == y]
+        if not good:
+            continue
+        d = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in good)
+        dash = ' stroke-dasharray="5,3"' if dashed else ""
+        out.append(f'<polyline class="series" data-name="{esc(name)}" points="{d}" fill="none" stroke="{c}" '
+                   f'stroke-width="1.8"{dash}/>')
+        if len(good) == 1:
+            out.append(f'<circle cx="{sx(good[0][0]):.1f}" cy="{sy(good[0][1]):.1f}" r="3" fill="{c}"/>')
+        if lw:
+            ly = T + 8 + i * 16
+            out.append(f'<line x1="{width - lw}" x2="{width - lw + 18}" y1="{ly}" y2="{ly}" stroke="{c}" '
+                       f'stroke-width="2"{dash}/><text x="{width - lw + 22}" y="{ly + 4}">{esc(name[:36])}</text>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+def svg_bar_chart(counts: dict, *, title: str, width: int = 520, css_id: str | None = None) -> str:
+    """Horizontal bars, one per class, with the count at the end."""
+    if not counts:
+        return ""
+    names = list(counts)
+    top = max(counts.values()) or 1
+    row = 22
+    L = min(200, 12 + 7 * max(len(n) for n in names))
+    height = 30 + row * len(names)
+    pw = width - L - 60
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+           f'aria-label="{esc(title)}"' + (f' id="{esc(css_id)}"' if css_id else "")
+           + ' style="background:#fff;border:1px solid #e2e4e8">',
+           f'<text x="8" y="16" style="font-weight:600;font-size:13px">{esc(title)}</text>']
+    for i, n in enumerate(names):
+        y = 26 + i * row
+        w = pw * counts[n] / top
+        out.append(f'<text x="{L - 6}" y="{y + 13}" text-anchor="end">{esc(n[:28])}</text>'
+                   f'<rect class="bar" x="{L}" y="{y}" width="{w:.1f}" height="{row - 6}" fill="{COLORS[0]}"/>'
+                   f'<text x="{L + w + 4:.1f}" y="{y + 13}">{counts[n]}</text>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+def confusion_html(labels: list[str], conf: list[list[int]]) -> str:
+    """Heat map as a table: colour = share of the true class (row) predicted as each column."""
+    head = "".join(f'<th title="predicted {esc(c)}">{esc(c)}</th>' for c in labels)
+    rows = []
+    for c, r in zip(labels, conf):
+        total = sum(r) or 1
+        cells = []
+        for j, v in enumerate(r):
+            share = v / total
+            diag = labels[j] == c
+            rgb = "46,125,50" if diag else "198,40,40"
+            alpha = share if diag else share ** 0.5  # mistakes are rare: make a few of them visible
+            fg = "#fff" if alpha > 0.55 else "#222"
+            cells.append(f'<td style="background:rgba({rgb},{alpha:.3f});color:{fg}" '
+                         f'title="true {esc(c)}, predicted {esc(labels[j])}: {v} ({share:.0%})">{v}</td>')
+        rows.append(f'<tr><th class="l">{esc(c)}</th>{"".join(cells)}</tr>')
+    return (f'<table class="cm" id="confusion-matrix"><tr><th class="l">true \\ predicted</th>{head}</tr>'
+            + "".join(rows) + "</table>")
+
+
+def per_class_html(m: dict) -> str:
+    rows = "".join(
+        f'<tr><td class="l">{esc(c)}</td><td>{r["precision"]:.3f}</td><td>{r["recall"]:.3f}</td>'
+        f'<td>{r["f1"]:.3f}</td><td>{r["support"]}</td></tr>'
+        for c, r in m["per_class"].items())
+    return ('<table id="per-class-table"><tr><th class="l">class</th><th>precision</th><th>recall</th>'
+            f'<th>F1</th><th>support</th></tr>{rows}</table>')
+
+
+def thumbnail_uri(path: str, side: int = THUMB_SIDE) -> str | None:
+    """A small JPEG of the image as a data: URI, or None when it cannot be read any more."""
+    from retrain.errors import ImageError
+    from retrain.images import open_image
+
+    try:
+        im = open_image(path, draft_size=side)
+    except ImageError:
+        return None
+    im.thumbnail((side, side))
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def gallery_html(misclassified: list[dict], root: str | None = None, limit: int = GALLERY_MAX) -> str:
+    if not misclassified:
+        return '<p class="sub" id="gallery-empty">No misclassified images.</p>'
+    items = []
+    for r in misclassified[:limit]:
+        p = str(r["path"])
+        name = os.path.relpath(p, root) if root and os.path.isabs(p) else p
+        uri = thumbnail_uri(p) if os.path.isabs(p) or os.path.exists(p) else None
+        img = (f'<img src="{uri}" alt="{esc(name)}">' if uri
+               else f'<div class="missing" title="{esc(p)}">image not found</div>')
+        items.append(f'<figure class="mis">{img}<figcaption><span class="mono">{esc(name)}</span><br>'
+                     f'true <b class="ok">{esc(r["true"])}</b>, predicted <b class="bad">{esc(r["predicted"])}</b>'
+                     f' ({r["confidence"] * 100:.0f}%)</figcaption></figure>')
+    more = (f'<p class="sub">{len(misclassified) - limit} more not shown (all are listed in report.json).</p>'
+            if len(misclassified) > limit else "")
+    return f'<div class="gallery" id="gallery">{"".join(items)}</div>{more}'
+
+
+def _l2_grid_html(grid: list[dict], chosen) -> str:
+    """L-BFGS tries several L2 strengths; this is how each did (the chosen one in bold)."""
+    rows = []
+    for g in grid:
+        b = (lambda x: f"<b>{x}</b>") if g.get("l2") == chosen else (lambda x: x)
+        l2 = f"{g['l2']:g}" if isinstance(g.get("l2"), (int, float)) else esc(g.get("l2"))
+        ce = g.get("validation_cross_entropy")
+        ce = f"{ce:.4f}" if isinstance(ce, (int, float)) else "n/a"
+        rows.append(f'<tr><td>{b(l2)}</td><td>{g.get("iterations", "")}</td>'
+                    f'<td>{b(_pct(g.get("train_accuracy")))}</td><td>{b(_pct(g.get("validation_accuracy")))}</td>'
+                    f'<td>{ce}</td></tr>')
+    return ('<p class="sub">L2 strengths tried (strongest first, each warm-started from the previous); '
+            'the one with the best validation accuracy is kept.</p><table id="l2-table"><tr><th>L2</th>'
+            '<th>iterations</th><th>train accuracy</th><th>validation accuracy</th>'
+            f'<th>validation cross entropy</th></tr>{"".join(rows)}</table>')
+
+
+def _kv_table(d: dict, css_id: str) -> str:
+    rows = "".join(f'<tr><td class="l">{esc(k)}</td><td class="l mono">{esc(v)}</td></tr>'
+                   for k, v in d.items())
+    return f'<table id="{css_id}">{rows}</table>'
+
+
+def _path_list(rows: list[str], css_id: str) -> str:
+    shown = "".join(f"<li class=\"mono\">{esc(r)}</li>" for r in rows[:LIST_MAX])
+    more = f"<li>... and {len(rows) - LIST_MAX} more</li>" if len(rows) > LIST_MAX else ""
+    return f'<ul id="{css_id}">{shown}{more}</ul>'
+
+
+def _page(title: str, subtitle: str, body: list[str]) -> str:
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\"><title>{esc(title)}</title>"
+            f"<style>{CSS}</style></head><body><main><h1>{esc(title)}</h1><p class=\"sub\">{esc(subtitle)}</p>"
+            + "\n".join(body) + "</main></body></html>\n")
+
+
+def _results_sections(m: dict, root: str | None, what: str) -> list[str]:
+    """Confusion matrix, per-class table and the gallery of mistakes for one set of metrics."""
+    body = [f'<h2 id="confusion">Confusion matrix ({esc(what)}, n={m["n"]})</h2>',
+            '<p class="sub">Rows: true class; columns: predicted class; colour: share of the row.</p>',
+            f'<div class="row">{confusion_html(m["labels"], m["confusion"])}</div>',
+            f'<h2 id="per-class">Precision and recall per class ({esc(what)})</h2>', per_class_html(m),
+            f'<h2 id="misclassified">Misclassified {esc(what)} images ({len(m["misclassified"])})</h2>',
+            '<p class="sub">Most confident mistakes first. Mislabelled photos often show up here.</p>',
+            gallery_html(m["misclassified"], root)]
+    return body
+
+
+def _skipped_section(skipped: list[dict], root) -> list[str]:
+    rows = [f"{os.path.relpath(s['path'], root) if root else s['path']}: {s['reason']}" for s in skipped]
+    body = [f'<h2 id="skipped">Skipped files ({len(skipped)})</h2>']
+    body.append(_path_list(rows, "skipped-list") if rows else '<p class="sub">None: every image was read.</p>')
+    return body
+
+
+def run_html(report: dict) -> str:
+    """The page for a run's report dict (see retrain.train.fit)."""
+    metrics = report.get("metrics", {})
+    te, va, tr = metrics.get("test", {}), metrics.get("validation", {}), metrics.get("train", {})
+    root = report.get("image_dir")
+    timings = report.get("timings", {})
+    n_images = sum(report.get("class_counts", {}).values())
+    train = report.get("train", {})
+    cards = [("test accuracy", _pct(te.get("accuracy"))), ("validation accuracy", _pct(va.get("accuracy"))),
+             ("train accuracy", _pct(tr.get("accuracy"))), ("images", n_images),
+             ("classes", len(report.get("labels", []))), ("total time", f"{timings.get('total_s', 0):.1f} s"),
+             ("architecture", report.get("architecture", "?")), ("optimizer", train.get("optimizer", "?"))]
+    body = ['<div class="cards" id="summary">' + "".join(
+        f'<div class="card"><b>{esc(v)}</b><span>{esc(k)}</span></div>' for k, v in cards) + "</div>"]
+    warns = report.get("data_warnings") or []
+    if warns:
+        body.append(f'<h2 id="warnings">Data warnings ({len(warns)})</h2>')
+        body += [f'<div class="warn">{esc(w)}</div>' for w in warns[:LIST_MAX]]
+
+    hist = report.get("history") or []
+    body.append('<h2 id="curves">Training curves</h2>')
+    extra = ""
+    if train.get("optimizer") == "lbfgs":
+        extra = f" L-BFGS iterations, L2 {train.get('l2')} chosen on validation."
+    body.append(f'<p class="sub">Evaluated every {esc(report.get("config", {}).get("eval_step_interval", "?"))} '
+                f'steps.{esc(extra)}</p>')
+    acc = [("train", [(h["step"], h.get("train_accuracy")) for h in hist], False),
+           ("validation", [(h["step"], h.get("validation_accuracy")) for h in hist], True)]
+    ce = [("train", [(h["step"], h.get("cross_entropy")) for h in hist], False),
+          ("validation", [(h["step"], h.get("validation_cross_entropy")) for h in hist], True)]
+    body.append('<div class="row">'
+                + svg_line_chart(acc, title="accuracy", ylabel="accuracy", ylim=(0, 1), css_id="chart-accuracy")
+                + svg_line_chart(ce, title="cross entropy", ylabel="cross entropy", ylim=(0, None),
+                                 css_id="chart-cross-entropy")
+                + "</div>")
+    if train.get("grid"):
+        body.append(_l2_grid_html(train["grid"], train.get("l2")))
+    if any("learning_rate" in h for h in hist):
+        lr = [("learning rate", [(h["step"], h.get("learning_rate")) for h in hist], False)]
+        body.append(svg_line_chart(lr, title="learning rate", css_id="chart-learning-rate"))
+
+    splits = "".join(
+        f'<tr><td class="l">{n}</td><td>{m.get("n", 0)}</td><td>{_pct(m.get("accuracy"))}</td>'
+        f'<td>{"n/a" if m.get("cross_entropy") is None else format(m["cross_entropy"], ".4f")}</td></tr>'
+        for n, m in (("train", tr), ("validation", va), ("test", te)) if m)
+    body.append('<h2 id="splits">Accuracy by split</h2><table id="split-table"><tr><th class="l">split</th>'
+                f'<th>images</th><th>accuracy</th><th>cross entropy</th></tr>{splits}</table>')
+    shown, what = (te, "test") if te.get("n") else (va, "validation")
+    if shown.get("n"):
+        body += _results_sections(shown, root, what)
+
+    body.append('<h2 id="classes">Images per class</h2>')
+    body.append(svg_bar_chart(report.get("class_counts", {}), title="images per class", css_id="chart-classes"))
+    sc = (report.get("split_counts") or {})
+    if sc:
+        body.append(f'<p class="sub">Split: {sc.get("train", 0)} train, {sc.get("validation", 0)} validation, '
+                    f'{sc.get("test", 0)} test.</p>')
+    body += _skipped_section(report.get("skipped") or [], root)
+    dups = report.get("duplicates") or []
+    body.append(f'<h2 id="duplicates">Exact duplicates ({len(dups)} groups)</h2>')
+    if dups:
+        rows = ["  =  ".join(os.path.relpath(p, root) if root else p for p in g) for g in dups]
+        body.append('<p class="sub">Identical files; each group is kept on one side of the split.</p>')
+        body.append(_path_list(rows, "duplicates-list"))
+    else:
+        body.append('<p class="sub">None found.</p>')
+
+    body.append('<h2 id="timings">Timings</h2>')
+    tm = {k: (f"{v:.2f} s" if isinstance(v, (int, float)) else v) for k, v in timings.items()
+          if not isinstance(v, dict)}
+    detail = timings.get("bottleneck_detail") or {}
+    for k, v in detail.items():
+        tm[f"bottlenecks: {k}"] = v
+    if report.get("images_per_second"):
+        tm["images per second (end to end)"] = report["images_per_second"]
+    tm["device"] = report.get("device", "?")
+    body.append(_kv_table(tm, "timings-table"))
+    body.append('<h2 id="config">Config</h2>')
+    cfg = dict(report.get("config") or {})
+    cfg["retrain_version"] = report.get("retrain_version", "?")
+    body.append(_kv_table(cfg, "config-table"))
+    title = f"retrain run: {Path(report.get('output') or 'run').name}"
+    sub = f"{report.get('output', '')}, trained on {root} ({report.get('architecture', '?')})"
+    return _page(title, sub, body)
+
+
+def eval_html(m: dict) -> str:
+    """The page for `retrain evaluate` metrics."""
+    cards = [("accuracy", _pct(m.get("accuracy"))), ("top-5 accuracy", _pct(m.get("top5_accuracy"))),
+             ("macro F1", "n/a" if m.get("macro_f1") is None else f"{m['macro_f1']:.3f}"),
+             ("cross entropy", "n/a" if m.get("cross_entropy") is None else f"{m['cross_entropy']:.4f}"),
+             ("images", m.get("n", 0)), ("skipped", len(m.get("skipped") or []))]
+    body = ['<div class="cards" id="summary">' + "".join(
+        f'<div class="card"><b>{esc(v)}</b><span>{esc(k)}</span></div>' for k, v in cards) + "</div>"]
+    root = m.get("image_dir")
+    if m.get("n"):
+        body += _results_sections(m, root, "evaluation")
+        support = {c: r["support"] for c, r in m["per_class"].items()}
+        body.append('<h2 id="classes">Images per class</h2>')
+        body.append(svg_bar_chart(support, title="images per class", css_id="chart-classes"))
+    body += _skipped_section(m.get("skipped") or [], root)
+    mp = Path(str(m.get("model", "model")))
+    title = f"retrain evaluation: {mp.parent.name if mp.name == 'model.onnx' and mp.parent.name else mp.name}"
+    sub = f"model {m.get('model', '?')} on {root}" + (" (test-time augmentation)" if m.get("tta") else "")
+    return _page(title, sub, body)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_run_html(run_folder, report: dict, path=None) -> Path:
+    """Write report.html for a run (into the run folder unless `path` is given)."""
+    out = Path(path) if path else Path(run_folder) / "report.html"
+    _write_atomic(out, run_html(report))
+    return out
+
+
+def write_eval_html(metrics: dict, path) -> Path:
+    out = Path(path)
+    _write_atomic(out, eval_html(metrics))
+    return out
+
+
+def load_report(run) -> dict:
+    """report.json of a run folder, with one clear error when it is not one."""
+    from retrain.errors import ModelError
+
+    run = Path(run)
+    f = run / "report.json" if run.is_dir() else run
+    if not f.exists():
+        raise ModelError(f"{run} is not a retrain run folder (no report.json); give the folder written by "
+                         "retrain fit")
+    try:
+        return json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{f}: cannot read it as a retrain report ({e})") from None
+
+
+def add_arguments(p) -> None:
+    p.add_argument("run", help="run folder written by retrain fit")
+    p.add_argument("-o", "--output", metavar="FILE", help="write here instead of RUN/report.html")
+
+
+def main(args) -> int:
+    report = load_report(args.run)
+    run = Path(args.run)
+    out = write_run_html(run if run.is_dir() else run.parent, report, args.output)
+    print(out)
+    return 0
