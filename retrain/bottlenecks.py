@@ -209,13 +209,16 @@ def run_pipeline(sources: list, loader, session, *, batch_size: int = 32, worker
         it = iter(enumerate(sources))
         window = batch_size * 3
 
+        def prepare(src):  # in a worker: decode, resize and normalise (all in parallel)
+            return images.normalize(loader(src)[None], mean, std)[0]
+
         def fill():
             while len(pending) < window:
                 try:
                     i, s = next(it)
                 except StopIteration:
                     return
-                pending.append((i, pool.submit(loader, s)))
+                pending.append((i, pool.submit(prepare, s)))
 
         fill()
         idx, arrs = [], []
@@ -234,7 +237,7 @@ def run_pipeline(sources: list, loader, session, *, batch_size: int = 32, worker
                 fill()
             if arrs:
                 t0 = time.perf_counter()
-                x = images.normalize(np.stack(arrs), mean, std)
+                x = np.stack(arrs)  # (B, 3, H, W) float32
                 out = session.run(None, {input_name: x})[0]
                 t_compute += time.perf_counter() - t0
                 if on_batch:

@@ -6,7 +6,7 @@ import sys
 
 
 def bar(iterable=None, *, desc: str, total=None, unit: str = "it", quiet: bool = False):
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # plain terminal bars; tqdm.auto would also probe for Jupyter
 
     return tqdm(iterable, desc=desc, total=total, unit=unit, disable=True if quiet else None,
                 file=sys.stderr, dynamic_ncols=True, leave=False)
