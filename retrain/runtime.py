@@ -1,16 +1,24 @@
 """ONNX Runtime sessions: one place that picks execution providers and threads.
 
-`provider`: auto (best available: TensorRT > CUDA > CPU), cpu, cuda or tensorrt. Asking for
-a GPU provider that this onnxruntime build lacks is a clear error saying what to install;
-`auto` falls back to the CPU silently.
+`provider`: auto (best available: TensorRT > CUDA > CPU), cpu, cuda or tensorrt.
+- Asking for a GPU provider that this onnxruntime build lacks is one clear error saying what
+  to install (MissingDependency, exit 2).
+- A GPU provider that is in the build but cannot start (no driver, CUDA/cuDNN/TensorRT
+  libraries missing) makes ONNX Runtime quietly fall back to the CPU; here that is an error
+  when the provider was asked for by name, and a one-line note under `auto`.
+- `auto` falls back to the CPU; it says so (one line on stderr) only where an NVIDIA GPU is
+  visible but unused, which is the case a person would want to know about.
+TensorRT builds its engine once per model and keeps it in an engine cache folder
+($RETRAIN_CACHE/tensorrt unless `trt_cache` says otherwise).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
-from retrain.errors import MissingDependency, ConfigError, did_you_mean
+from retrain.errors import ConfigError, MissingDependency, did_you_mean
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -18,6 +26,12 @@ PROVIDERS = {
     "tensorrt": "TensorrtExecutionProvider",
 }
 PROVIDER_CHOICES = ("auto", *PROVIDERS)
+INSTALL_HINT = {
+    "cuda": "pip install onnxruntime-gpu (in place of onnxruntime) on a machine with an NVIDIA GPU "
+            "and its CUDA 12 + cuDNN 9 libraries",
+    "tensorrt": "pip install onnxruntime-gpu and tensorrt (TensorRT 10) on a machine with an NVIDIA GPU",
+}
+_NOTED: set = set()  # one fallback note per process, not one per session
 
 
 def available_providers() -> list[str]:
@@ -26,47 +40,128 @@ def available_providers() -> list[str]:
     return ort.get_available_providers()
 
 
-def resolve_providers(provider: str = "auto", *, trt_cache: str | os.PathLike | None = None) -> list:
-    """ONNX Runtime provider list for a name; raises MissingDependency where it can't run."""
+def gpu_visible() -> bool:
+    """True where an NVIDIA driver exposes a device (no CUDA import, no subprocess)."""
+    return os.path.exists("/dev/nvidia0") or os.path.isdir("/proc/driver/nvidia/gpus")
+
+
+def trt_cache_dir(trt_cache=None) -> Path:
+    if trt_cache:
+        return Path(trt_cache).expanduser()
+    from retrain.backbones import cache_root
+
+    return cache_root() / "tensorrt"
+
+
+def check_provider_name(provider: str | None) -> str:
+    """The provider name, lower case; ConfigError (with a suggestion) if it is not one we know."""
     provider = (provider or "auto").lower()
     if provider not in PROVIDER_CHOICES:
         raise ConfigError(f"unknown provider '{provider}'; choose one of {', '.join(PROVIDER_CHOICES)}."
                           f"{did_you_mean(provider, PROVIDER_CHOICES)}")
+    return provider
+
+
+def _note(msg: str) -> None:
+    if msg not in _NOTED:
+        _NOTED.add(msg)
+        print(f"note: {msg}", file=sys.stderr, flush=True)
+
+
+def resolve_providers(provider: str = "auto", *, trt_cache: str | os.PathLike | None = None,
+                      trt_fp16: bool = False) -> list:
+    """ONNX Runtime provider list for a name; raises MissingDependency where it can't run.
+
+    trt_fp16 lets TensorRT build fp16 kernels; off by default so that the fp32 and int8 forms
+    give the answers `retrain export` verified (an fp16 export turns it on).
+    """
+    provider = check_provider_name(provider)
     have = available_providers()
     want = {"auto": ["tensorrt", "cuda", "cpu"], "cpu": ["cpu"], "cuda": ["cuda", "cpu"],
             "tensorrt": ["tensorrt", "cuda", "cpu"]}[provider]
     if provider in ("cuda", "tensorrt") and PROVIDERS[provider] not in have:
         raise MissingDependency(
             f"provider '{provider}' is not available in this onnxruntime (it has {', '.join(have)}); "
-            "install onnxruntime-gpu (and TensorRT for 'tensorrt') on a machine with an NVIDIA GPU, "
-            "or use --provider cpu")
+            f"{INSTALL_HINT[provider]}, or use --provider cpu (or auto)")
+    if provider == "auto" and PROVIDERS["cuda"] not in have and gpu_visible():
+        _note(f"an NVIDIA GPU is present but this onnxruntime has no CUDA provider, so the CPU is used; "
+              f"to use the GPU: {INSTALL_HINT['cuda']}")
     out = []
     for name in want:
         ep = PROVIDERS[name]
         if ep not in have:
             continue
         if name == "tensorrt":
-            cache = Path(trt_cache or Path.home() / ".cache" / "retrain" / "tensorrt")
+            cache = trt_cache_dir(trt_cache)
             cache.mkdir(parents=True, exist_ok=True)
             out.append((ep, {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
-                             "trt_fp16_enable": True}))
+                             "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache),
+                             "trt_fp16_enable": bool(trt_fp16)}))
         else:
             out.append(ep)
     return out
 
 
-def make_session(path, *, provider: str = "auto", threads: int | None = None, trt_cache=None):
-    """An InferenceSession with full graph optimisation and `threads` intra-op threads."""
+def provider_names(providers: list) -> list[str]:
+    return [p if isinstance(p, str) else p[0] for p in providers]
+
+
+def _model_format(path) -> str | None:
+    """The "format" a retrain model's metadata names (onnx, onnx-int8, onnx-fp16), or None."""
+    try:
+        import onnx
+
+        m = onnx.load(str(path), load_external_data=False)
+        return next((p.value for p in m.metadata_props if p.key == "format"), None)
+    except Exception:
+        return None
+
+
+def make_session(path, *, provider: str = "auto", threads: int | None = None, trt_cache=None,
+                 trt_fp16: bool | None = None):
+    """An InferenceSession with full graph optimisation and `threads` intra-op threads.
+
+    trt_fp16: let TensorRT use fp16 kernels; None = only for a model exported as onnx-fp16.
+    After creation, checks that the provider asked for is the one actually running: ONNX
+    Runtime silently drops a GPU provider whose libraries fail to load.
+    """
     import onnxruntime as ort
 
+    from retrain.errors import ModelError
+
+    provider = check_provider_name(provider)
+    if trt_fp16 is None:
+        trt_fp16 = (provider in ("auto", "tensorrt") and PROVIDERS["tensorrt"] in available_providers()
+                    and isinstance(path, (str, os.PathLike)) and _model_format(path) == "onnx-fp16")
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = threads or (os.cpu_count() or 1)
+    # No busy-waiting between ops: the image-decoding threads need those cycles (measured +8%
+    # bottlenecks/s on 2 cores; see BENCHMARKS.md).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3
-    providers = resolve_providers(provider, trt_cache=trt_cache)
+    providers = resolve_providers(provider, trt_cache=trt_cache, trt_fp16=trt_fp16)
     try:
-        return ort.InferenceSession(str(path), so, providers=providers)
+        sess = ort.InferenceSession(str(path), so, providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types
-        from retrain.errors import ModelError
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        if provider in ("cuda", "tensorrt") and any(w in msg.lower() for w in ("cuda", "cudnn", "tensorrt", "nvinfer")):
+            raise MissingDependency(f"provider '{provider}' failed to start ({msg}); "
+                                    f"{INSTALL_HINT[provider]}, or use --provider cpu") from None
+        raise ModelError(f"{path}: ONNX Runtime cannot load it ({msg})") from None
+    running = sess.get_providers()
+    if provider in ("cuda", "tensorrt") and PROVIDERS[provider] not in running:
+        raise MissingDependency(
+            f"provider '{provider}' is installed but could not start on this machine (ONNX Runtime fell back "
+            f"to {', '.join(running)}): check the NVIDIA driver and {INSTALL_HINT[provider]}, "
+            "or use --provider cpu")
+    if provider == "auto" and running[0] == "CPUExecutionProvider" and len(providers) > 1:
+        _note(f"GPU providers ({', '.join(provider_names(providers)[:-1])}) could not start here; "
+              "running on the CPU")
+    return sess
 
-        raise ModelError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]})") from None
+
+def session_provider(sess) -> str:
+    """The short name of the provider a session runs on first: cpu, cuda or tensorrt."""
+    first = sess.get_providers()[0]
+    return next((k for k, v in PROVIDERS.items() if v == first), first)

@@ -1,0 +1,94 @@
+"""Execution providers: CPU and auto run for real; CUDA/TensorRT run for real where a GPU is lent,
+and elsewhere fail with one clear line that says what to install."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from conftest import EXAMPLES, make_dataset, run_cli
+from retrain.errors import ConfigError, MissingDependency
+from retrain.runtime import make_session, resolve_providers, session_provider, trt_cache_dir
+
+HAVE = ort.get_available_providers()
+NO_CUDA = "CUDAExecutionProvider" not in HAVE
+NO_TRT = "TensorrtExecutionProvider" not in HAVE
+
+
+def _one_clear_line(p):
+    err = p.stderr.strip().splitlines()
+    errors = [line for line in err if line.startswith("error:")]
+    assert p.returncode == 2, p.stderr
+    assert len(errors) == 1 and "Traceback" not in p.stderr, p.stderr
+    return errors[0]
+
+
+def test_cpu_and_auto_resolve_to_a_working_session(tiny_run):
+    assert resolve_providers("cpu") == ["CPUExecutionProvider"]
+    auto = resolve_providers("AUTO")
+    assert (auto[-1] if isinstance(auto[-1], str) else auto[-1][0]) == "CPUExecutionProvider"
+    s = make_session(tiny_run / "model.onnx", provider="auto", threads=1)
+    x = np.zeros((1, 3, 224, 224), np.float32)
+    p = s.run(None, {"input": x})[0]
+    assert p.shape == (1, 3) and abs(float(p.sum()) - 1) < 1e-4
+    if NO_CUDA and NO_TRT:
+        assert session_provider(s) == "cpu"
+
+
+def test_unknown_provider_suggests_the_closest():
+    with pytest.raises(ConfigError, match="Did you mean 'cuda'"):
+        resolve_providers("cdua")
+
+
+@pytest.mark.parametrize("provider", ["cuda", "tensorrt"])
+def test_missing_gpu_provider_is_one_line_naming_the_package(provider, tiny_run):
+    if ("CUDAExecutionProvider" if provider == "cuda" else "TensorrtExecutionProvider") in HAVE:
+        pytest.skip(f"{provider} is available here: the real path is tested in test_gpu_providers_agree_with_cpu")
+    with pytest.raises(MissingDependency, match="onnxruntime-gpu"):
+        resolve_providers(provider)
+    img = next(EXAMPLES.rglob("*.jpg"))
+    for cmd in (["label", tiny_run, img], ["evaluate", tiny_run, EXAMPLES], ["bench", tiny_run, "--runs", "1"]):
+        line = _one_clear_line(run_cli(*cmd, "--provider", provider, check=False))
+        assert f"provider '{provider}' is not available" in line and "onnxruntime-gpu" in line
+        assert "--provider cpu" in line
+
+
+def test_auto_labels_on_this_machine(tiny_run):
+    img = next(EXAMPLES.rglob("*.jpg"))
+    p = run_cli("label", tiny_run, img, "--provider", "auto", "--top-k", "1")
+    assert any(c in p.stdout for c in ("circle", "stripes", "squares"))
+    assert "error" not in p.stderr
+
+
+@pytest.mark.skipif(not NO_CUDA, reason="CUDA is available here")
+def test_bottleneck_extraction_with_missing_cuda_fails_cleanly(tmp_path):
+    data = make_dataset(tmp_path / "imgs", per_class=3, seed=7)
+    p = run_cli("fit", data, "-o", tmp_path / "run", "--provider", "cuda", "--cache-dir", tmp_path / "cache",
+                "-q", check=False)
+    line = _one_clear_line(p)
+    assert "cuda" in line and "onnxruntime-gpu" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_tensorrt_engine_cache_lives_in_the_retrain_cache(retrain_cache, tmp_path):
+    assert trt_cache_dir() == retrain_cache / "tensorrt"
+    assert trt_cache_dir(tmp_path / "engines") == tmp_path / "engines"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_CUDA, reason="no CUDA provider in this onnxruntime (no GPU lent)")
+@pytest.mark.parametrize("provider", ["cuda", "tensorrt"])
+def test_gpu_providers_agree_with_cpu(provider, tiny_run, tmp_path):
+    if provider == "tensorrt" and NO_TRT:
+        pytest.skip("no TensorRT provider")
+    from retrain.model import Classifier
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (4, 224, 224, 3), dtype=np.uint8)
+    cpu = Classifier(tiny_run, provider="cpu").predict(x)
+    gpu_clf = Classifier(tiny_run, provider=provider)
+    assert session_provider(gpu_clf.session) == provider
+    assert np.abs(gpu_clf.predict(x) - cpu).max() < 2e-3
+    if provider == "tensorrt":
+        assert any(trt_cache_dir().iterdir()), "TensorRT engine was not cached"
