@@ -76,7 +76,7 @@ def format_metrics(m: dict, title: str = "") -> str:
     return "\n".join(lines)
 
 
-def evaluate(model, image_dir, *, provider: str = "auto", batch_size: int = 32, tta: bool = False,
+def evaluate(model, image_dir, *, provider: str = "auto", batch_size: int = 32, tta: bool | None = None,
              quiet: bool = False, log=None, **overrides) -> dict:
     """Evaluate a model (run folder or .onnx) on a folder of class subfolders."""
     from retrain.model import Classifier
@@ -85,6 +85,7 @@ def evaluate(model, image_dir, *, provider: str = "auto", batch_size: int = 32, 
     clf = Classifier(model, provider=provider, **overrides)
     s = scan(image_dir, quiet=quiet, allowed_classes=clf.labels)
     paths = [it.path for it in s.items]
+    tta = clf.tta_default if tta is None else tta  # None: as recorded in the model (fit --tta)
     probs, errors = clf.classify_files(paths, batch_size=batch_size, quiet=quiet, tta=tta)
     ok = [i for i in range(len(paths)) if i not in errors]
     y = np.array([clf.labels.index(s.items[i].label) for i in ok], dtype=np.int64)
@@ -102,7 +103,9 @@ def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch")
     p.add_argument("--provider", default="auto", help="auto, cpu, cuda or tensorrt")
-    p.add_argument("--tta", action="store_true", help="test-time augmentation (average with the mirror image)")
+    p.add_argument("--tta", action="store_true", default=None,
+                   help="test-time augmentation: average with the mirror image (default: as the model says)")
+    p.add_argument("--no-tta", dest="tta", action="store_false", help="no test-time augmentation")
     p.add_argument("--html", metavar="FILE", help="also write an HTML report of the evaluation")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 

@@ -82,6 +82,9 @@ def save_atomic(m, path: Path) -> None:
     os.close(fd)
     try:
         onnx.save(m, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a model is meant to be shared
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

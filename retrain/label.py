@@ -64,7 +64,8 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
     p.add_argument("--provider", default="auto", help="auto, cpu, cuda or tensorrt")
     p.add_argument("--tta", action="store_true", default=None,
-                   help="test-time augmentation: average with the mirror image")
+                   help="test-time augmentation: average with the mirror image (default: as the model says)")
+    p.add_argument("--no-tta", dest="tta", action="store_false", help="no test-time augmentation")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g = p.add_argument_group("label_image.py compatibility")
     g.add_argument("--graph", help="model file (same as MODEL)")

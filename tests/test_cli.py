@@ -147,3 +147,19 @@ def test_evaluate_unknown_class_folder(e2e, tmp_path):
 def test_help_lists_commands():
     r = run_cli("--help")
     assert "fit" in r.stdout and "label" in r.stdout and "evaluate" in r.stdout
+
+
+def test_int8_bottlenecks_from_the_cli(e2e, tmp_path):
+    root, data, held, run, _ = e2e
+    run_cli("fit", data, "-o", tmp_path / "r8", "--cache-dir", root / "cache", "--bottleneck-precision", "int8")
+    rep = json.loads((tmp_path / "r8" / "report.json").read_text())
+    assert rep["bottleneck_precision"] == "int8"
+    import onnxruntime as ort
+
+    meta = ort.InferenceSession(str(tmp_path / "r8" / "model.onnx")).get_modelmeta().custom_metadata_map
+    assert meta["backbone_precision"] == "int8"
+    assert (tmp_path / "r8" / "model.onnx").stat().st_size < (run / "model.onnx").stat().st_size / 2
+    assert oct((run / "model.onnx").stat().st_mode & 0o777) == "0o644"
+    out = json.loads(run_cli("label", tmp_path / "r8", held / "stripes", "--json").stdout)
+    assert sum(o["label"] == "stripes" for o in out) >= 2
+    _fails("fit", data, "--bottleneck-precision", "int4", match="Did you mean 'int8'")

@@ -1,0 +1,137 @@
+"""Accuracy and wall time of `retrain fit` on the flowers: head only, head + distortions, fine-tuning.
+
+Each configuration runs the real CLI in a subprocess with its own fresh bottleneck cache (so
+the times are cold: every bottleneck, view and activation is computed), then reads the run's
+report.json. The test split is only read at the end, as the report gives it; nothing is chosen
+on it. Optionally (--tta) each model is also evaluated on its test images with test-time
+augmentation through `retrain evaluate --tta`.
+
+    python benchmarks/bench_accuracy.py [--data ../shared/data/flower_photos] [--only head,...]
+
+Writes benchmarks/results/accuracy.md (and .json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "flower_photos"
+
+CONFIGS = {
+    "head": [],
+    "head+distortions": ["--flip_left_right", "--random_crop", "10", "--random_scale", "10",
+                         "--random_brightness", "10", "--augment", "4"],
+    "fine-tune": ["--fine-tune"],
+}
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def run(cmd: list[str]) -> float:
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    dt = time.perf_counter() - t0
+    if p.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    return dt
+
+
+def tta_accuracy(run_dir: Path, data: Path, work: Path) -> dict:
+    """`retrain evaluate --tta` and `--no-tta` on the run's own test images (a folder of links)."""
+    split = json.loads((run_dir / "split.json").read_text())
+    test = work / "test-images"
+    shutil.rmtree(test, ignore_errors=True)
+    for rel in split["files"]["test"]:
+        dst = test / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(data / rel, dst)
+    out = {}
+    for flag in ("--no-tta", "--tta"):
+        p = subprocess.run([sys.executable, "-m", "retrain", "evaluate", str(run_dir), str(test), "--json", "-q",
+                            flag], capture_output=True, text=True)
+        if p.returncode != 0:
+            sys.exit(f"evaluate failed:\n{p.stderr[-2000:]}")
+        out[flag.strip("-")] = json.loads(p.stdout)["accuracy"]
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--only", default=",".join(CONFIGS), help="comma list of: " + ", ".join(CONFIGS))
+    ap.add_argument("--tta", action="store_true", help="also evaluate each model with test-time augmentation")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "accuracy.md")
+    a = ap.parse_args()
+    if not a.data.is_dir():
+        sys.exit(f"data not found: {a.data}")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-accuracy-") as tmp:
+        tmp = Path(tmp)
+        for name in a.only.split(","):
+            extra = CONFIGS[name]
+            run_dir, cache = tmp / name / "run", tmp / name / "cache"
+            cmd = [sys.executable, "-m", "retrain", "fit", str(a.data), "-o", str(run_dir), "--cache-dir",
+                   str(cache), "-q", *extra]
+            print(f"{name}: {' '.join(['retrain', *cmd[3:]])}", flush=True)
+            wall = run(cmd)
+            rep = json.loads((run_dir / "report.json").read_text())
+            te, va = rep["metrics"]["test"], rep["metrics"]["validation"]
+            cal = rep["calibration"]
+            row = {"config": name, "flags": " ".join(extra), "wall_s": round(wall, 1),
+                   "test_accuracy": te["accuracy"], "test_n": te["n"], "validation_accuracy": va["accuracy"],
+                   "test_per_class_recall": te["per_class_recall"], "temperature": cal["temperature"],
+                   "ece_validation": [cal.get("ece_validation_before"), cal.get("ece_validation_after")],
+                   "ece_test": [cal.get("ece_test_before"), cal.get("ece_test_after")],
+                   "train": {k: v for k, v in rep["train"].items() if k not in ("grid",)},
+                   "timings": {k: v for k, v in rep["timings"].items() if k.endswith("_s")}}
+            if a.tta:
+                row["tta"] = tta_accuracy(run_dir, a.data.resolve(), tmp / name)
+            print(f"  test accuracy {te['accuracy']:.2%} (n={te['n']}), {wall:.0f} s", flush=True)
+            rows.append(row)
+    machine = f"{cpu_name()}, {os.cpu_count()} cores, no GPU"
+    lines = ["# Accuracy on the flowers (`benchmarks/bench_accuracy.py`)", "",
+             f"Machine: {machine}. Data: {a.data.name} ({rows[0]['test_n']} test images, the run's own split; "
+             "choices made on validation only). Cold runs: fresh bottleneck cache each.", "",
+             "| configuration | flags | test accuracy | validation accuracy | wall time | ECE val before -> after "
+             "| ECE test before -> after |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['config']} | `{r['flags'] or '(default)'}` | {r['test_accuracy']:.2%} | "
+                     f"{r['validation_accuracy']:.2%} | {r['wall_s']:.0f} s | "
+                     f"{r['ece_validation'][0]:.3f} -> {r['ece_validation'][1]:.3f} | "
+                     f"{r['ece_test'][0]:.3f} -> {r['ece_test'][1]:.3f} |")
+    lines += ["", "Per-class test recall:", ""]
+    for r in rows:
+        lines.append(f"- {r['config']}: " + ", ".join(f"{c} {v:.1%}" for c, v in r["test_per_class_recall"].items()))
+    if a.tta:
+        lines += ["", "Test accuracy without / with test-time augmentation (`retrain evaluate --no-tta/--tta`):", ""]
+        for r in rows:
+            lines.append(f"- {r['config']}: {r['tta']['no-tta']:.2%} / {r['tta']['tta']:.2%}")
+    lines += ["", "Commands (each with `--cache-dir <fresh folder> -q`):", ""]
+    for r in rows:
+        lines.append(f"- {r['config']}: `retrain fit {a.data} -o RUN {r['flags']}`".rstrip())
+    lines += ["", f"Reproduce: `python benchmarks/bench_accuracy.py{' --tta' if a.tta else ''}`", ""]
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text("\n".join(lines))
+    a.out.with_suffix(".json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n")
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

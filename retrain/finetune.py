@@ -1,0 +1,467 @@
+"""`retrain fit --fine-tune`: unfreeze the last blocks of the backbone and train them with the head.
+
+Why it is fast on a CPU: the frozen prefix (stem + the first blocks) is run once per image
+and view with ONNX Runtime, and its activations are cached like bottlenecks (keyed by image
+digest, split point and view). Each epoch then runs only the unfrozen tail in PyTorch
+(blocks at 7x7 resolution: a few percent of the backbone's work), with bf16 autocast on CPUs
+that have native bf16 (AMX / AVX-512 BF16), CUDA when present.
+
+Recipe: AdamW, the tail at half the head's learning rate, linear warm-up then cosine
+decay, label smoothing, batch norm statistics frozen (small batches), stochastic depth as in
+the backbone, one random cached view per training image per epoch; the epoch with the best
+validation cross entropy is kept, and training stops after `patience` epochs without
+improvement. A checkpoint (torch.save of tensors only) is written after each epoch; `--resume`
+continues an interrupted fine-tune from it (loaded with weights_only=True).
+
+The result is exported as the same self-contained ONNX model as a head-only fit: the whole
+backbone with the fine-tuned weights, plus the head. torch is imported only here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from retrain.errors import ConfigError, MissingDependency
+
+CHECKPOINT_SCHEMA = 1
+DEFAULT_UNFREEZE = 4
+DEFAULT_VIEWS = 2  # distorted views per training image when no distortion flag is given
+HEAD_LR = 6e-4
+TAIL_LR_FACTOR = 0.5
+WEIGHT_DECAY = 0.05
+LABEL_SMOOTHING = 0.1
+BATCH = 64
+WARMUP_EPOCHS = 1
+PATIENCE = 4
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise MissingDependency("--fine-tune needs PyTorch: pip install torch==2.13.0 --index-url "
+                                "https://download.pytorch.org/whl/cpu") from None
+    return torch
+
+
+def bf16_supported() -> bool:
+    """Native bf16 matrix units on this CPU (AMX-BF16 or AVX-512 BF16)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def pick_device(provider: str = "auto") -> str:
+    torch = _torch()
+    if provider in ("auto", "cuda", "tensorrt") and torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+# ------------------------------------------------------------------------ the model, split in two
+
+def split_point(model, unfreeze: int) -> int:
+    n = len(model._blocks)
+    if not 1 <= unfreeze <= n:
+        raise ConfigError(f"--unfreeze is a number of backbone blocks from the end, 1 to {n}, got {unfreeze}")
+    return n - unfreeze
+
+
+def make_prefix(model, start: int):
+    """(N, 3, H, W) -> activations before block `start` (N, C, h, w): the frozen part."""
+    torch = _torch()
+
+    class Prefix(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.stem = torch.nn.Sequential(net._conv_stem, net._bn0, net._swish)
+            self.blocks = torch.nn.ModuleList(net._blocks[:start])
+            self.rate = net._global_params.drop_connect_rate or 0.0
+            self.n = len(net._blocks)
+
+        def forward(self, x):
+            x = self.stem(x)
+            for i, b in enumerate(self.blocks):
+                x = b(x, drop_connect_rate=self.rate * i / self.n)
+            return x
+
+    return Prefix(model).eval()
+
+
+def make_tail(model, start: int):
+    """Activations before block `start` -> pooled features (N, 1280): the part fine-tuned."""
+    torch = _torch()
+
+    class Tail(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(net._blocks[start:])
+            self.conv_head, self.bn1, self.act = net._conv_head, net._bn1, net._swish
+            self.rate = net._global_params.drop_connect_rate or 0.0
+            self.start, self.n = start, len(net._blocks)
+
+        def forward(self, x):
+            for i, b in enumerate(self.blocks):
+                x = b(x, drop_connect_rate=self.rate * (self.start + i) / self.n)
+            return self.act(self.bn1(self.conv_head(x))).mean(dim=(2, 3))
+
+        def train(self, mode: bool = True):
+            # Stochastic depth on, batch-norm statistics frozen: batches are small and the
+            # ImageNet statistics are good.
+            super().train(mode)
+            for m in self.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+            return self
+
+    return Tail(model)
+
+
+def prefix_onnx(bb, start: int, *, log=print) -> Path:
+    """The frozen prefix exported to ONNX once (cached; checked against PyTorch)."""
+    import tempfile
+
+    from retrain.backbones import build_torch, cache_root, export_onnx
+
+    out = cache_root() / "backbones" / f"{bb.name}-{bb.fingerprint()}-prefix{start}.onnx"
+    if out.is_file():
+        return out
+    torch = _torch()
+    import onnxruntime as ort
+
+    log(f"Exporting the frozen part of {bb.name} (blocks 0-{start - 1}) to ONNX once ...")
+    module = make_prefix(build_torch(bb), start)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".part-", suffix=".onnx")
+    os.close(fd)
+    try:
+        export_onnx(module, Path(tmp), bb.image_size, output_name="activations")
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 3, bb.image_size, bb.image_size, generator=g)
+        with torch.no_grad():
+            ref = module(x).numpy()
+        got = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+        diff = float(np.abs(got - ref).max())
+        if got.shape != ref.shape or diff > 1e-3:
+            raise RuntimeError(f"ONNX export of the {bb.name} prefix disagrees with PyTorch (max diff {diff:.2e})")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def activation_shape(bb, start: int) -> tuple[int, int, int]:
+    torch = _torch()
+    from retrain.backbones import build_torch
+
+    with torch.no_grad():
+        a = make_prefix(build_torch(bb), start)(torch.zeros(1, 3, bb.image_size, bb.image_size))
+    return tuple(a.shape[1:])
+
+
+# ------------------------------------------------------------------------ cached prefix activations
+
+def prefix_activations(items, bb, start: int, cache_dir, *, views: int = 0, distortions=None,
+                       view_items=None, provider: str = "auto", batch_size: int = 32, workers=None,
+                       quiet=False, log=print):
+    """Prefix activations of each item's centre view and of the distorted views of `view_items`.
+
+    view_items: indices of the items that get distorted views (the training images).
+    Returns (centre (n, D) float32, views (len(view_items), V, D) float32 or None,
+    shape (C, h, w), timing).
+    Stored in a BottleneckCache of its own (folder named after the split point).
+    """
+    from retrain import augment, images
+    from retrain.bottlenecks import BottleneckCache, key_of, run_pipeline
+    from retrain.runtime import make_session
+
+    shape = activation_shape(bb, start)
+    dim = int(np.prod(shape))
+    pseudo = dataclasses.replace(bb, name=f"{bb.name}-prefix{start}", feature_dim=dim)
+    cache = BottleneckCache(cache_dir, pseudo, log=log)
+    size, crop = bb.image_size, bb.crop_fraction
+    view_items = range(len(items)) if view_items is None else view_items
+    jobs = [(i, -1) for i in range(len(items))] + [(int(i), v) for i in view_items for v in range(views)]
+
+    def key(job):
+        i, v = job
+        return key_of(items[i].digest, "prefix" if v < 0 else "prefix|" + augment.variant(distortions, v))
+
+    keys = [key(j) for j in jobs]
+    first: dict[bytes, int] = {}
+    for j, k in enumerate(keys):
+        if k not in cache:
+            first.setdefault(k, j)
+    todo = list(first.values())
+    timing = {"cached": len(jobs) - len(todo), "computed": len(todo)}
+    if todo:
+        session = make_session(prefix_onnx(bb, start, log=log), provider=provider)
+
+        def loader(j):
+            i, v = jobs[j]
+            if v < 0:
+                return images.load(items[i].path, size, crop)
+            return augment.load_view(items[i].path, items[i].digest, v, distortions, size, crop)
+
+        def on_batch(idx, out):
+            cache.add([keys[todo[b]] for b in idx], out.reshape(len(idx), dim))
+
+        t0 = time.perf_counter()
+        _f, t = run_pipeline(todo, loader, session, batch_size=batch_size, workers=workers, mean=bb.mean,
+                             std=bb.std, on_batch=on_batch, desc="Frozen-part activations", quiet=quiet)
+        timing.update(t, seconds=round(time.perf_counter() - t0, 3))
+        cache.compact()
+    feats = np.full((len(jobs), dim), np.nan, np.float32)
+    ok = [j for j, k in enumerate(keys) if k in cache]
+    if ok:
+        feats[ok] = cache.get([keys[j] for j in ok])
+    n = len(items)
+    centre = feats[:n]
+    v = feats[n:].reshape(len(view_items), views, dim) if views else None
+    return centre, v, shape, timing
+
+
+# ------------------------------------------------------------------------ training
+
+@dataclasses.dataclass
+class FineTuneResult:
+    tail_state: dict  # torch state dict of the tail
+    W: np.ndarray  # (C, K) head on raw features
+    b: np.ndarray  # (K,)
+    features: np.ndarray  # (n, C) pooled features of every item's centre view, fine-tuned
+    start: int
+    history: list
+    info: dict
+
+
+def _signature(cfg, start, k, n_train, views, distortions) -> str:
+    d = {"schema": CHECKPOINT_SCHEMA, "architecture": cfg.architecture, "start": start, "k": k,
+         "n_train": n_train, "views": views, "distortions": distortions.tag() if distortions else "",
+         "epochs": cfg.epochs, "lr": cfg.learning_rate, "seed": cfg.seed,
+         "class_weights": cfg.class_weights, "image_dir": os.path.abspath(cfg.image_dir or "")}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def lr_at(step: int, total: int, warmup: int) -> float:
+    """Multiplier of the base learning rate: linear warm-up, then cosine to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def fine_tune(cfg, bb, items, y, parts, *, W0, b0, views=0, distortions=None, cache_dir,
+              checkpoint: Path, log=print) -> FineTuneResult:
+    """Fine-tune the last `cfg.unfreeze` blocks and the head (initialised at W0, b0)."""
+    torch = _torch()
+    from retrain.backbones import build_torch
+    from retrain.progress import bar
+
+    k = int(W0.shape[1])
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    device = pick_device(cfg.provider)
+    model = build_torch(bb)
+    unfreeze = cfg.unfreeze or DEFAULT_UNFREEZE
+    start = split_point(model, unfreeze)
+    # channels_last: oneDNN's fast path for these 1x1 and depthwise convolutions (2-3x on CPU).
+    tail = make_tail(model, start).to(device, memory_format=torch.channels_last)
+    head = torch.nn.Linear(W0.shape[0], k).to(device)
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(np.ascontiguousarray(W0.T)))
+        head.bias.copy_(torch.from_numpy(np.ascontiguousarray(b0)))
+
+    log(f"Fine-tuning: blocks {start}-{len(model._blocks) - 1} and the head unfrozen, on {device}")
+    centre, vws, shape, t_act = prefix_activations(
+        items, bb, start, cache_dir, views=views, distortions=distortions, view_items=parts["train"],
+        provider=cfg.provider,
+        batch_size=cfg.batch_size, workers=cfg.workers or None, quiet=cfg.quiet, log=log)
+    if t_act.get("computed"):
+        log(f"Frozen-part activations: {t_act['computed']} computed in {t_act.get('seconds', 0):.1f} s, "
+            f"{t_act['cached']} from cache")
+
+    tr, va = parts["train"], parts["validation"]
+    # Training pool per image: the centre view plus its distorted views (NaN rows dropped).
+    pool = [centre[tr][:, None]] + ([vws] if vws is not None else [])
+    pool = np.concatenate(pool, axis=1)  # (n_train, 1 + V, D)
+    good = np.isfinite(pool).all(axis=2)  # (n_train, 1 + V)
+    ytr = torch.from_numpy(y[tr]).to(device)
+    Xva = torch.from_numpy(centre[va].reshape(-1, *shape)).to(device, memory_format=torch.channels_last)
+    yva = torch.from_numpy(y[va]).to(device)
+
+    use_bf16 = device == "cpu" and bf16_supported() and not cfg.fp32
+    amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if use_bf16 else (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" else torch.autocast("cpu", enabled=False))
+
+    head_lr = cfg.learning_rate if cfg.learning_rate is not None else HEAD_LR
+    opt = torch.optim.AdamW([{"params": tail.parameters(), "lr": head_lr * TAIL_LR_FACTOR},
+                             {"params": head.parameters(), "lr": head_lr}], weight_decay=WEIGHT_DECAY)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    if cfg.class_weights == "balanced":
+        counts = np.bincount(y[tr], minlength=k).astype(np.float32)
+        cw = torch.from_numpy(len(tr) / (k * np.maximum(counts, 1))).to(device)
+    else:
+        cw = None
+    loss_fn = torch.nn.CrossEntropyLoss(weight=cw, label_smoothing=LABEL_SMOOTHING)
+    epochs = cfg.epochs
+    steps_per_epoch = max(1, math.ceil(len(tr) / BATCH))
+    total, warmup = epochs * steps_per_epoch, min(WARMUP_EPOCHS * steps_per_epoch, epochs * steps_per_epoch // 2 or 1)
+    sig = _signature(cfg, start, k, len(tr), views, distortions)
+
+    def evaluate():
+        """Validation accuracy and calibrated cross entropy (after the best temperature).
+
+        Calibrated, because label smoothing makes the fine-tuned model less sure of itself
+        than the initial head: raw cross entropy would penalise that, though a temperature
+        (fitted afterwards anyway) undoes it.
+        """
+        from retrain.calibrate import fit_temperature, nll
+
+        tail.eval()
+        outs = []
+        with torch.no_grad(), amp():
+            for s in range(0, len(Xva), 256):
+                outs.append(head(tail(Xva[s:s + 256])).float())
+        if not len(yva):
+            return float("nan"), float("nan")
+        z = torch.cat(outs).cpu().numpy().astype(np.float64)
+        yv = yva.cpu().numpy()
+        acc = float((z.argmax(1) == yv).mean())
+        return acc, nll(z, yv, fit_temperature(z, yv))
+
+    epoch0, history = 0, []
+    acc0, ce0 = evaluate()
+    best = {"epoch": 0, "validation_calibrated_cross_entropy": ce0, "validation_accuracy": acc0,
+            "tail": {n: t.detach().cpu().clone() for n, t in tail.state_dict().items()},
+            "head": {n: t.detach().cpu().clone() for n, t in head.state_dict().items()}}
+    log(f"  before fine-tuning: validation accuracy {acc0:.1%} (calibrated cross entropy {ce0:.4f})")
+    if cfg.resume:
+        if not checkpoint.is_file():
+            raise ConfigError(f"--resume: no fine-tuning checkpoint at {checkpoint}; run without --resume")
+        ck = torch.load(checkpoint, map_location=device, weights_only=True)
+        if ck.get("signature") != sig:
+            raise ConfigError(f"--resume: the checkpoint {checkpoint} was made with other data or settings; "
+                              "run without --resume to start afresh")
+        tail.load_state_dict(ck["tail"])
+        head.load_state_dict(ck["head"])
+        opt.load_state_dict(ck["optimizer"])
+        best = ck["best"]
+        history = ck["history"]
+        epoch0 = int(ck["epoch"])
+        rng = np.random.default_rng([cfg.seed, epoch0])
+        torch.manual_seed(cfg.seed + epoch0)
+        log(f"  resumed after epoch {epoch0} from {checkpoint}")
+
+    stale = sum(1 for h in history[::-1][:PATIENCE] if h["epoch"] > best["epoch"])
+    for epoch in range(epoch0 + 1, epochs + 1):
+        if stale >= PATIENCE:
+            log(f"  stopping early: no better calibrated validation cross entropy for {PATIENCE} epochs")
+            break
+        t0 = time.perf_counter()
+        tail.train()
+        order = rng.permutation(len(tr))
+        seen = loss_sum = 0.0
+        for s in bar(range(steps_per_epoch), desc=f"Epoch {epoch}/{epochs}", unit="batch", quiet=cfg.quiet):
+            step = (epoch - 1) * steps_per_epoch + s
+            for g, base in zip(opt.param_groups, base_lrs):
+                g["lr"] = base * lr_at(step, total, warmup)
+            idx = order[s * BATCH:(s + 1) * BATCH]
+            # One random cached view of each image (the centre view when its views failed).
+            choice = np.array([rng.choice(np.nonzero(good[i])[0]) for i in idx])
+            xb = torch.from_numpy(pool[idx, choice].reshape(-1, *shape)).to(
+                device, memory_format=torch.channels_last)
+            with amp():
+                loss = loss_fn(head(tail(xb)).float(), ytr[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            seen += len(idx)
+            loss_sum += float(loss.detach()) * len(idx)
+        acc, ce = evaluate()
+        h = {"epoch": epoch, "train_loss": round(loss_sum / max(seen, 1), 5), "validation_accuracy": acc,
+             "validation_calibrated_cross_entropy": ce, "seconds": round(time.perf_counter() - t0, 2)}
+        history.append(h)
+        log(f"  epoch {epoch}: train loss {h['train_loss']:.4f}, validation accuracy {acc:.1%} "
+            f"(calibrated cross entropy {ce:.4f}), {h['seconds']:.1f} s")
+        if ce < best["validation_calibrated_cross_entropy"]:
+            best = {"epoch": epoch, "validation_calibrated_cross_entropy": ce, "validation_accuracy": acc,
+                    "tail": {n: t.detach().cpu().clone() for n, t in tail.state_dict().items()},
+                    "head": {n: t.detach().cpu().clone() for n, t in head.state_dict().items()}}
+            stale = 0
+        else:
+            stale += 1
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        tmp = checkpoint.with_name(checkpoint.name + ".part")
+        torch.save({"signature": sig, "epoch": epoch, "tail": tail.state_dict(), "head": head.state_dict(),
+                    "optimizer": opt.state_dict(), "best": best, "history": history}, tmp)
+        os.replace(tmp, checkpoint)
+
+    # The best epoch on validation, in fp32, gives the features of every image.
+    tail.load_state_dict(best["tail"])
+    head.load_state_dict(best["head"])
+    tail.eval()
+    feats = np.full((len(items), W0.shape[0]), np.nan, np.float32)
+    okrows = np.nonzero(np.isfinite(centre).all(1))[0]
+    with torch.no_grad():
+        for s in range(0, len(okrows), 256):
+            r = okrows[s:s + 256]
+            xr = torch.from_numpy(centre[r].reshape(-1, *shape)).to(device, memory_format=torch.channels_last)
+            feats[r] = tail(xr).float().cpu().numpy()
+    W = head.weight.detach().cpu().numpy().T.astype(np.float32)
+    b = head.bias.detach().cpu().numpy().astype(np.float32)
+    info = {"unfreeze": unfreeze, "first_unfrozen_block": start, "device": device,
+            "precision": "bf16 autocast" if use_bf16 else "fp32", "epochs_run": len(history),
+            "best_epoch": best["epoch"], "head_learning_rate": head_lr,
+            "tail_learning_rate": head_lr * TAIL_LR_FACTOR, "weight_decay": WEIGHT_DECAY,
+            "label_smoothing": LABEL_SMOOTHING, "batch_size": BATCH, "patience": PATIENCE,
+            "activations": t_act, "views_per_image": views}
+    return FineTuneResult({n: t.cpu() for n, t in best["tail"].items()}, W, b, feats, start, history, info)
+
+
+# ------------------------------------------------------------------------ export
+
+def fine_tuned_features_onnx(bb, result: FineTuneResult, path: Path) -> None:
+    """The whole backbone with the fine-tuned tail, exported (N,3,H,W) -> (N,C) to `path`."""
+    from retrain.backbones import build_torch, export_onnx, feature_module
+
+    model = build_torch(bb)
+    tail = make_tail(model, result.start)
+    tail.load_state_dict({n: t.contiguous() for n, t in result.tail_state.items()})  # updates `model`
+    export_onnx(feature_module(model.eval()), path, bb.image_size)
+
+
+def write_fine_tuned_model(path: Path, bb, result: FineTuneResult, W, b, *, labels, metrics, output_name,
+                           extra_meta, temperature: float, check) -> float:
+    """Self-contained model.onnx (fine-tuned backbone + head), written atomically and verified."""
+    import tempfile
+
+    import onnx
+
+    from retrain.export import attach_head, model_metadata, save_atomic, set_metadata, verify
+
+    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=".ft-", suffix=".onnx")
+    os.close(fd)
+    try:
+        fine_tuned_features_onnx(bb, result, Path(tmp))
+        m = attach_head(tmp, W, b, output_name=output_name, temperature=temperature)
+    finally:
+        os.unlink(tmp)
+    set_metadata(m, model_metadata(labels=labels, backbone=bb, metrics=metrics, output_name=output_name,
+                                   extra=extra_meta))
+    onnx.checker.check_model(m)
+    save_atomic(m, Path(path))
+    return verify(path, *check) if check is not None else 0.0

@@ -1,0 +1,95 @@
+"""`retrain fit --fine-tune` on tiny generated images: one short epoch, export, interruption, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import make_dataset, run_cli
+
+pytest.importorskip("torch")
+
+
+def test_lr_schedule_warms_up_then_decays():
+    from retrain.finetune import lr_at
+
+    lrs = [lr_at(s, 100, 10) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] < 0.01
+
+
+def test_tail_reproduces_the_frozen_backbone():
+    """prefix(x) -> tail == the backbone's own features, before any training."""
+    import torch
+
+    from retrain.backbones import build_torch, feature_module, get_backbone
+    from retrain.finetune import make_prefix, make_tail
+
+    bb = get_backbone("efficientnet_lite0")
+    m = build_torch(bb)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = feature_module(m)(x)
+        got = make_tail(m, 14).eval()(make_prefix(m, 14)(x))
+    assert torch.allclose(ref, got, atol=1e-4)
+
+
+def test_fine_tune_one_epoch_exports_a_self_contained_model(tmp_path):
+    from retrain.model import Classifier
+
+    data = make_dataset(tmp_path / "images", per_class=8)
+    out = tmp_path / "run"
+    p = run_cli("fit", data, "-o", out, "--fine-tune", "--epochs", "1", "--unfreeze", "1", "--tta")
+    assert "Fine-tuning: blocks 15-15" in p.stderr and "epoch 1:" in p.stderr
+    rep = json.loads((out / "report.json").read_text())
+    ft = rep["train"]["fine_tune"]
+    assert ft["epochs_run"] == 1 and ft["first_unfrozen_block"] == 15
+    assert ft["views_per_image"] == 2
+    assert rep["export_parity_max_abs_diff"] < 2e-3
+    assert not (tmp_path / ".run.fine-tune-checkpoint.pt").exists()  # finished: removed
+    clf = Classifier(out, provider="cpu")
+    assert clf.meta["fine_tuned"] is True and clf.tta_default is True
+    assert clf.input_name == "input" and clf.output_name == "final_result"
+    # The exported ONNX (fine-tuned backbone + head) labels the pictures of a class as that class.
+    res = json.loads(run_cli("label", out, data / "circle", "--json").stdout)
+    assert all(r["predictions"][0]["label"] == "circle" for r in res)
+
+
+@pytest.mark.slow
+def test_interrupted_fine_tune_resumes(tmp_path):
+    """kill -9 after the first epoch's checkpoint; --resume carries on from it."""
+    data = make_dataset(tmp_path / "images", per_class=8)
+    out = tmp_path / "run"
+    ckpt = tmp_path / ".run.fine-tune-checkpoint.pt"
+    args = [sys.executable, "-m", "retrain", "fit", str(data), "-o", str(out), "--fine-tune",
+            "--epochs", "30", "--unfreeze", "2", "-q"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ))
+    t0 = time.time()
+    while not ckpt.exists() and proc.poll() is None and time.time() - t0 < 300:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists(), "no checkpoint was written after an epoch"
+    assert not (out / "model.onnx").exists()
+    p = run_cli("fit", data, "-o", out, "--fine-tune", "--epochs", "30", "--unfreeze", "2", "--resume")
+    assert "resumed after epoch" in p.stderr
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["train"]["fine_tune"]["epochs_run"] >= 2
+    assert not ckpt.exists()
+    # A checkpoint made with other settings is refused in one line.
+    q = run_cli("fit", data, "-o", out, "--fine-tune", "--resume", check=False)
+    assert q.returncode == 2 and "Traceback" not in q.stderr and "--resume" in q.stderr
+
+
+def test_fine_tune_flag_errors_are_one_line(tiny_dataset, tmp_path):
+    p = run_cli("fit", tiny_dataset, "-o", tmp_path / "r", "--resume", check=False)
+    assert p.returncode == 2 and "--fine-tune" in p.stderr and "Traceback" not in p.stderr
+    p = run_cli("fit", tiny_dataset, "-o", tmp_path / "r", "--fine-tune", "--unfreeze", "40", check=False)
+    assert p.returncode == 2 and "--unfreeze" in p.stderr and "Traceback" not in p.stderr
