@@ -36,15 +36,15 @@ def pick(data: Path, n: int) -> list[Path]:
     return files[::step][:n]
 
 
-def bench_retrain(files, tmp):
+def bench_retrain(files, tmp, precision="fp32"):
     from retrain.backbones import get_backbone
     from retrain.bottlenecks import BottleneckCache, extract, feature_session
     from retrain.scan import ImageItem, digest_file
 
     bb = get_backbone("efficientnet_lite0")
-    feature_session(bb)  # session built outside the timing, like the other pipelines' models
+    feature_session(bb, precision=precision)  # built outside the timing, like the other models
     items = [ImageItem(str(p), p.parent.name, *digest_file(str(p))) for p in files]
-    cache = BottleneckCache(tmp / "bench-cache", bb)
+    cache = BottleneckCache(tmp / f"bench-cache-{precision}", bb, precision=precision)
     with Timer() as t:
         feats, fails, timing = extract(items, bb, cache, quiet=True)
     return len(files) / t.s, timing, feats
@@ -97,6 +97,8 @@ def command_targets(data: Path, tmp: Path) -> dict:
     cache = tmp / "cli-cache"
     n = sum(1 for p in data.glob("*/*") if p.is_file())
     cold, cold_rss, r = timed_cli("fit", data, "-o", tmp / "run", "--cache-dir", cache, "-q")
+    cold8, _, r8 = timed_cli("fit", data, "-o", tmp / "run8", "--cache-dir", tmp / "cli-cache8", "-q",
+                             "--bottleneck-precision", "int8")
     warm, warm_rss, _ = timed_cli("fit", data, "-o", tmp / "run2", "--cache-dir", cache, "-q", "--l2", "0.01")
     one = sorted(data.glob("*/*.jpg"))[0]
     label1 = min(timed_cli("label", tmp / "run", one)[0] for _ in range(3))
@@ -105,7 +107,7 @@ def command_targets(data: Path, tmp: Path) -> dict:
     for p in sorted(data.glob("*/*.jpg"))[:400]:
         os.symlink(p, folder / f"{p.parent.name}_{p.name}")
     lf, _, _ = timed_cli("label", tmp / "run", folder, "--json", "-q")
-    return {"images": n, "cold_s": cold, "cold_rss_mb": cold_rss, "warm_s": warm, "warm_rss_mb": warm_rss,
+    return {"images": n, "cold_s": cold, "cold8_s": cold8, "summary8": r8.stdout.strip(), "cold_rss_mb": cold_rss, "warm_s": warm, "warm_rss_mb": warm_rss,
             "label_one_s": label1, "label_folder_ips": 400 / lf, "summary": r.stdout.strip()}
 
 
@@ -145,17 +147,22 @@ def main():
         print(f"machine: {machine()}")
         r_ips, timing, _ = bench_retrain(files, tmp)
         print(f"retrain bottlenecks (cold): {r_ips:7.1f} images/s   {timing}")
+        r8_ips, _, _ = bench_retrain(files, tmp, "int8")
+        print(f"retrain bottlenecks, int8 (cold): {r8_ips:7.1f} images/s")
         t_ips = None if args.skip_torch else bench_torch(files)
         if t_ips:
             print(f"PyTorch eager, same backbone: {t_ips:7.1f} images/s   retrain is {r_ips / t_ips:.2f}x")
         k_ips = bench_keras(files, tmp)
         if k_ips:
-            print(f"Keras MobileNetV2 pipeline: {k_ips:7.1f} images/s   retrain is {r_ips / k_ips:.2f}x")
+            print(f"Keras MobileNetV2 pipeline: {k_ips:7.1f} images/s   retrain is {r_ips / k_ips:.2f}x "
+                  f"(int8: {r8_ips / k_ips:.2f}x)")
         else:
             print("Keras MobileNetV2 pipeline: skipped (TensorFlow not installed: pip install tensorflow-cpu)")
         c = command_targets(args.data, tmp)
         print(f"cold fit of {c['images']} photos: {c['cold_s']:.1f} s wall, peak {c['cold_rss_mb']} MiB "
               f"({c['images'] / c['cold_s']:.0f} images/s end to end)\n  {c['summary']}")
+        print(f"cold fit, --bottleneck-precision int8: {c['cold8_s']:.1f} s wall "
+              f"({c['images'] / c['cold8_s']:.0f} images/s end to end)\n  {c['summary8']}")
         print(f"warm fit (all cached, other L2): {c['warm_s']:.2f} s wall, peak {c['warm_rss_mb']} MiB")
         print(f"label one image from process start: {c['label_one_s']:.2f} s; label a folder: "
               f"{c['label_folder_ips']:.0f} images/s")
@@ -167,18 +174,22 @@ def main():
             lines = [f"Machine: {machine()}", "", f"Command: `python benchmarks/bench_fit.py"
                      f"{' --scaling' if args.scaling else ''}` on {args.data.name}", "",
                      f"| pipeline ({len(files)} photos, cold) | images/s | retrain is |", "|---|---:|---:|",
-                     f"| retrain bottlenecks (threaded decode + ONNX Runtime) | {r_ips:.1f} | 1.00x |"]
+                     f"| retrain bottlenecks (threaded decode + ONNX Runtime) | {r_ips:.1f} | 1.00x |",
+                     f"| retrain bottlenecks, `--bottleneck-precision int8` | {r8_ips:.1f} | int8 is {r8_ips / r_ips:.2f}x fp32 |"]
             if t_ips:
                 lines.append(f"| PyTorch eager, same EfficientNet-Lite0 | {t_ips:.1f} | {r_ips / t_ips:.2f}x |")
             lines.append(f"| Keras MobileNetV2 via image_dataset_from_directory | "
-                         + (f"{k_ips:.1f} | {r_ips / k_ips:.2f}x |" if k_ips else "not installed | - |"))
+                         + (f"{k_ips:.1f} | {r_ips / k_ips:.2f}x (int8: {r8_ips / k_ips:.2f}x) |"
+                            if k_ips else "not installed | - |"))
             lines += ["", "| whole command | figure | target |", "|---|---:|---:|",
                       f"| cold `retrain fit` ({c['images']} photos, empty cache) | {c['cold_s']:.1f} s | <= 20 s |",
+                      f"| cold `retrain fit --bottleneck-precision int8` | {c['cold8_s']:.1f} s "
+                      f"({c['images'] / c['cold8_s']:.0f} images/s) | - |",
                       f"| warm `retrain fit` (cached, other L2) | {c['warm_s']:.2f} s | <= 3 s |",
                       f"| `retrain label RUN one.jpg` from process start | {c['label_one_s']:.2f} s | <= 0.5 s |",
                       f"| `retrain label RUN folder/` (400 photos) | {c['label_folder_ips']:.0f} images/s | >= 100 |",
                       f"| peak memory of cold fit | {c['cold_rss_mb']} MiB | <= 1536 MiB |",
-                      "", f"Fit summary: `{c['summary']}`"]
+                      "", f"Fit summary: `{c['summary']}`", "", f"int8 fit summary: `{c['summary8']}`"]
             if rows:
                 lines += ["", "| scaling (distinct re-encoded photos, empty cache) | wall | images/s | peak memory |",
                           "|---|---:|---:|---:|"]

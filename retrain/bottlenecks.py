@@ -191,7 +191,7 @@ def feature_session(backbone: Backbone, *, provider: str = "auto", precision: st
     return _SESSIONS[key]
 
 
-def run_pipeline(sources: list, loader, session, *, batch_size: int = 32, workers: int | None = None,
+def run_pipeline(sources: list, loader, session, *, batch_size: int = 8, workers: int | None = None,
                  mean=127.0, std=128.0, on_batch=None, desc="Bottlenecks", quiet=False):
     """Decode `sources` with `loader` in threads, run `session` on batches, in order.
 
@@ -249,7 +249,7 @@ def run_pipeline(sources: list, loader, session, *, batch_size: int = 32, worker
 
 
 def extract(items, backbone: Backbone, cache: BottleneckCache, *, provider: str = "auto",
-            batch_size: int = 32, workers: int | None = None, quiet: bool = False, log=print):
+            batch_size: int = 8, workers: int | None = None, quiet: bool = False, log=print):
     """Features for every item (cached or computed now).
 
     Returns (features (n, C) float32 with NaN rows for failures, {path: reason}, timing dict).

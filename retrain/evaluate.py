@@ -76,7 +76,7 @@ def format_metrics(m: dict, title: str = "") -> str:
     return "\n".join(lines)
 
 
-def evaluate(model, image_dir, *, provider: str = "auto", batch_size: int = 32, tta: bool | None = None,
+def evaluate(model, image_dir, *, provider: str = "auto", batch_size: int = 8, tta: bool | None = None,
              quiet: bool = False, log=None, **overrides) -> dict:
     """Evaluate a model (run folder or .onnx) on a folder of class subfolders."""
     from retrain.model import Classifier
@@ -101,7 +101,7 @@ def add_arguments(p) -> None:
     p.add_argument("model", help="run folder (or model.onnx) written by retrain fit")
     p.add_argument("image_dir", help="folder with one subfolder of photos per class")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--batch-size", type=int, default=32, help="images per batch")
+    p.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8: fastest on a CPU)")
     p.add_argument("--provider", default="auto", help="auto, cpu, cuda or tensorrt")
     p.add_argument("--tta", action="store_true", default=None,
                    help="test-time augmentation: average with the mirror image (default: as the model says)")

@@ -130,7 +130,7 @@ class Classifier:
         """uint8 (N, H, W, 3) -> probabilities (N, K). With tta, averages with the mirror image."""
         return self._predict_normalized(images.normalize(batch, self.mean, self.std), tta)
 
-    def classify_files(self, sources: list, *, batch_size: int = 32, quiet: bool = True,
+    def classify_files(self, sources: list, *, batch_size: int = 8, quiet: bool = True,
                        tta: bool = False):
         """Probabilities for many files, decoded in threads while the model runs.
 
