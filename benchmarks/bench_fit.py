@@ -16,12 +16,10 @@ peak memory. Figures are printed with ratios and appended to BENCHMARKS.md with 
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np

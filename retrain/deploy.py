@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from retrain.errors import ConfigError, DataError, ImageError, ModelError, did_you_mean
+from retrain.export import replace_dir
 
 FORMATS = {
     "onnx": "float32 ONNX (the run's model, verified)",
@@ -389,13 +390,7 @@ def _write_run(out: Path, model: Path, run: Path, report: dict) -> None:
             shutil.copyfile(run / "labels.txt", tmp / "labels.txt")
         shutil.copyfile(run / "split.json", tmp / "split.json")
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from retrain.config import FitConfig
 from retrain.errors import ConfigError
+from retrain.export import replace_dir
 
 L2_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 LBFGS_MAX_ITER = 500
@@ -532,13 +533,7 @@ def fit(cfg: FitConfig, *, log=None) -> dict:
             from retrain.report import write_run_html
 
             write_run_html(tmp, report)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if ft is not None:

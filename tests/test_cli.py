@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import UNSEEN, make_dataset, make_image, run_cli
+from conftest import make_dataset, make_image, run_cli
 
 
 @pytest.fixture(scope="module")
