@@ -129,9 +129,15 @@ def _warnings(f: dict) -> list[str]:
         w.append(f"classes are imbalanced: '{im['largest']}' has {im['largest_count']} images, "
                  f"'{im['smallest']}' {im['smallest_count']} ({im['ratio']:g}x); consider more photos of "
                  f"the small class{_balanced_hint()}")
-    for c, n in sorted(f["small_classes"].items(), key=lambda kv: kv[1]):
+    small = sorted(f["small_classes"].items(), key=lambda kv: kv[1])
+    if len(small) == 1:
+        c, n = small[0]
         w.append(f"class '{c}' has only {n} images (at least {MIN_PER_CLASS} recommended; its "
                  "validation/test figures will be noisy)")
+    elif small:
+        listed = ", ".join(f"'{c}' {n}" for c, n in small[:8]) + (", ..." if len(small) > 8 else "")
+        w.append(f"{len(small)} classes have fewer than {MIN_PER_CLASS} images ({listed}): at least "
+                 f"{MIN_PER_CLASS} each recommended; validation/test figures will be noisy")
     cross = [d for d in f["exact_duplicates"] if d["cross_class"]]
     same = [d for d in f["exact_duplicates"] if not d["cross_class"]]
     for d in cross[:MAX_LISTED]:
