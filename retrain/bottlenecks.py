@@ -177,6 +177,16 @@ class BottleneckCache:
         self._add_array(k, f)
 
 
+def missing(keys: list[bytes], cache) -> list[int]:
+    """Indices to compute: the first occurrence of each key not in the cache (identical files
+    and views are computed once)."""
+    first: dict[bytes, int] = {}
+    for j, k in enumerate(keys):
+        if k not in cache:
+            first.setdefault(k, j)
+    return list(first.values())
+
+
 _SESSIONS: dict = {}
 
 
@@ -255,12 +265,7 @@ def extract(items, backbone: Backbone, cache: BottleneckCache, *, provider: str 
     Returns (features (n, C) float32 with NaN rows for failures, {path: reason}, timing dict).
     """
     keys = [key_of(it.digest) for it in items]
-    todo = [i for i, k in enumerate(keys) if k not in cache]
-    # Identical files are computed once.
-    first: dict[bytes, int] = {}
-    for i in todo:
-        first.setdefault(keys[i], i)
-    todo = list(first.values())
+    todo = missing(keys, cache)
     timing = {"cached": len(items) - len(todo), "computed": len(todo)}
     failures: dict[str, str] = {}
     if todo:
@@ -302,11 +307,7 @@ def extract_views(items, views: int, distortions, backbone: Backbone, cache: Bot
 
     pairs = [(i, v) for i in range(len(items)) for v in range(views)]
     keys = [key_of(items[i].digest, augment.variant(distortions, v)) for i, v in pairs]
-    first: dict[bytes, int] = {}
-    for j, k in enumerate(keys):
-        if k not in cache:
-            first.setdefault(k, j)
-    todo = list(first.values())
+    todo = missing(keys, cache)
     timing = {"cached": len(pairs) - len(todo), "computed": len(todo)}
     if todo:
         session = feature_session(backbone, provider=provider, precision=cache.precision, log=log)

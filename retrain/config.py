@@ -77,7 +77,7 @@ class FitConfig:
                     "evaluate then use it by default")
     # --- fine-tuning (needs torch)
     fine_tune: bool = opt(False, "also train the last backbone blocks (slower, more accurate)", "--fine_tune")
-    unfreeze: int = opt(4, "backbone blocks unfrozen by --fine-tune, counted from the end (with the "
+    unfreeze: int = opt(6, "backbone blocks unfrozen by --fine-tune, counted from the end (with the "
                         "final 1x1 convolution)")
     epochs: int = opt(12, "most fine-tuning epochs (fewer when validation stops improving)")
     resume: bool = opt(False, "continue an interrupted --fine-tune from its checkpoint")

@@ -184,7 +184,7 @@ def prefix_activations(items, bb, start: int, cache_dir, *, views: int = 0, dist
     Stored in a BottleneckCache of its own (folder named after the split point).
     """
     from retrain import augment, images
-    from retrain.bottlenecks import BottleneckCache, key_of, run_pipeline
+    from retrain.bottlenecks import BottleneckCache, key_of, missing, run_pipeline
     from retrain.runtime import make_session
 
     shape = activation_shape(bb, start)
@@ -200,11 +200,7 @@ def prefix_activations(items, bb, start: int, cache_dir, *, views: int = 0, dist
         return key_of(items[i].digest, "prefix" if v < 0 else "prefix|" + augment.variant(distortions, v))
 
     keys = [key(j) for j in jobs]
-    first: dict[bytes, int] = {}
-    for j, k in enumerate(keys):
-        if k not in cache:
-            first.setdefault(k, j)
-    todo = list(first.values())
+    todo = missing(keys, cache)
     timing = {"cached": len(jobs) - len(todo), "computed": len(todo)}
     if todo:
         session = make_session(prefix_onnx(bb, start, log=log), provider=provider)
