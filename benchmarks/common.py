@@ -15,12 +15,9 @@ FLOWERS = ROOT.parent / "shared" / "data" / "flower_photos"
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    from retrain.runtime import cpu_name
+
+    cpu = cpu_name()
     mem = ""
     try:
         with open("/proc/meminfo") as f:

@@ -165,3 +165,14 @@ def session_provider(sess) -> str:
     """The short name of the provider a session runs on first: cpu, cuda or tensorrt."""
     first = sess.get_providers()[0]
     return next((k for k, v in PROVIDERS.items() if v == first), first)
+
+
+def cpu_name() -> str:
+    """The processor's model name (from /proc/cpuinfo where there is one)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()

@@ -299,16 +299,9 @@ def _has(module: str) -> bool:
 
 def device_description(provider: str = "auto") -> str:
     """e.g. 'CPU: Intel(R) Xeon(R) ... (2 cores), onnxruntime CPUExecutionProvider'."""
-    import platform
+    from retrain.runtime import cpu_name, resolve_providers
 
-    from retrain.runtime import resolve_providers
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     try:
         eps = [p if isinstance(p, str) else p[0] for p in resolve_providers(provider)]
     except Exception:
