@@ -117,7 +117,9 @@ def train_lbfgs(Xtr, ytr, Xva, yva, k, *, l2=None, max_iter=LBFGS_MAX_ITER, eval
                 weights=None, log=None):
     """Fit the head with L-BFGS for each L2 strength (or the given one); keep the best on validation.
 
-    Returns (Head, chosen l2, history of the chosen run, grid results).
+    Returns (Head, chosen l2, history along the whole L2 path, grid results). The path is one
+    curve: each strength starts from the previous one's weights, so its steps continue the count
+    and every entry names its "l2".
     """
     from scipy.optimize import minimize
 
@@ -130,10 +132,11 @@ def train_lbfgs(Xtr, ytr, Xva, yva, k, *, l2=None, max_iter=LBFGS_MAX_ITER, eval
     C = Z.shape[1]
     grid = [l2] if l2 is not None else sorted(L2_GRID, reverse=True)  # strong -> weak: warm starts
     w = np.zeros(C * k + k)
-    results, best = [], None
+    results, best, path = [], None, []
     for lam in grid:
         hist = []
         it = [0]
+        offset = path[-1]["step"] if path else 0
 
         def cb(wk):
             it[0] += 1
@@ -142,7 +145,7 @@ def train_lbfgs(Xtr, ytr, Xva, yva, k, *, l2=None, max_iter=LBFGS_MAX_ITER, eval
                 same = stash.get("w") is not None and np.array_equal(stash["w"], wk)
                 tr_acc, tr_ce = accuracy_ce(stash["P"] if same else softmax(Z @ W + b), ytr)
                 va_acc, va_ce = accuracy_ce(softmax(Zva @ W + b), yva)
-                hist.append({"step": it[0], "train_accuracy": tr_acc, "cross_entropy": tr_ce,
+                hist.append({"step": offset + it[0], "l2": lam, "train_accuracy": tr_acc, "cross_entropy": tr_ce,
                              "validation_accuracy": va_acc, "validation_cross_entropy": va_ce})
 
         res = minimize(_loss_grad, w, args=(Z, Y1, lam, sw, stash), jac=True, method="L-BFGS-B", callback=cb,
@@ -151,8 +154,10 @@ def train_lbfgs(Xtr, ytr, Xva, yva, k, *, l2=None, max_iter=LBFGS_MAX_ITER, eval
         W, b = w[: C * k].reshape(C, k), w[C * k:]
         tr_acc, tr_ce = accuracy_ce(softmax(Z @ W + b), ytr)
         va_acc, va_ce = accuracy_ce(softmax(Zva @ W + b), yva)
-        hist.append({"step": it[0], "train_accuracy": tr_acc, "cross_entropy": tr_ce,
-                     "validation_accuracy": va_acc, "validation_cross_entropy": va_ce})
+        if not hist or hist[-1]["step"] != offset + it[0]:
+            hist.append({"step": offset + it[0], "l2": lam, "train_accuracy": tr_acc, "cross_entropy": tr_ce,
+                         "validation_accuracy": va_acc, "validation_cross_entropy": va_ce})
+        path += hist
         r = {"l2": lam, "iterations": int(res.nit), "train_accuracy": tr_acc, "validation_accuracy": va_acc,
              "validation_cross_entropy": va_ce}
         results.append(r)
@@ -168,8 +173,8 @@ def train_lbfgs(Xtr, ytr, Xva, yva, k, *, l2=None, max_iter=LBFGS_MAX_ITER, eval
         elif len(results) >= 2 and results[-2]["validation_cross_entropy"] > best[0]["validation_cross_entropy"] \
                 and results[-2]["l2"] < best[0]["l2"]:
             break
-    r, head, hist = best
-    return head, r["l2"], hist, results
+    r, head, _ = best
+    return head, r["l2"], path, results
 
 
 @one_blas_thread
