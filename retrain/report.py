@@ -230,7 +230,7 @@ def _l2_grid_html(grid: list[dict], chosen) -> str:
                     f'<td>{b(_pct(g.get("train_accuracy")))}</td><td>{b(_pct(g.get("validation_accuracy")))}</td>'
                     f'<td>{ce}</td></tr>')
     return ('<p class="sub">L2 strengths tried (strongest first, each warm-started from the previous); '
-            'the one with the best validation accuracy is kept.</p><table id="l2-table"><tr><th>L2</th>'
+            'the one with the lowest validation cross entropy is kept; the curves above follow this path.</p><table id="l2-table"><tr><th>L2</th>'
             '<th>iterations</th><th>train accuracy</th><th>validation accuracy</th>'
             f'<th>validation cross entropy</th></tr>{"".join(rows)}</table>')
 
