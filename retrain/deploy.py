@@ -292,6 +292,10 @@ def export(run, fmt: str = "onnx", output=None, *, tolerance: float = 1.0, max_p
     if src_meta.get("format", "onnx") != "onnx":
         raise ConfigError(f"{run} holds an {src_meta['format']} model; export from the float32 run it came from "
                           f"({src_meta.get('exported_from', {}).get('run', 'its source run')})")
+    if src_meta.get("backbone_precision", "fp32") != "fp32" and fmt != "onnx":
+        raise ConfigError(f"{run} was trained on {src_meta['backbone_precision']} bottlenecks: its model is "
+                          f"already quantized; for {fmt}, train with --bottleneck-precision fp32 "
+                          "(or export it as onnx)")
 
     ref = Classifier(src, provider=provider)
     files = split["files"]

@@ -163,3 +163,5 @@ def test_int8_bottlenecks_from_the_cli(e2e, tmp_path):
     out = json.loads(run_cli("label", tmp_path / "r8", held / "stripes", "--json").stdout)
     assert sum(o["label"] == "stripes" for o in out) >= 2
     _fails("fit", data, "--bottleneck-precision", "int4", match="Did you mean 'int8'")
+    _fails("export", tmp_path / "r8", "--format", "onnx-int8", "--output", tmp_path / "x",
+           match="already quantized")
