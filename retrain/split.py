@@ -30,6 +30,26 @@ def hash_percentage(file_name: str) -> float:
     return (h % (MAX_NUM_IMAGES_PER_CLASS + 1)) * (100.0 / MAX_NUM_IMAGES_PER_CLASS)
 
 
+def check_class_sizes(items, classes) -> None:
+    """DataError naming the first class with fewer than MIN_IMAGES_PER_CLASS distinct images.
+
+    `fit` calls it right after the scan (fail before any bottleneck is computed) and again,
+    through split_items, once unreadable files have been left out.
+    """
+    by_class: dict[str, list] = defaultdict(list)
+    for it in items:
+        by_class[it.label].append(it)
+    for c in classes:
+        units = {it.digest for it in by_class.get(c, [])}
+        n = len(by_class.get(c, []))
+        if len(units) < MIN_IMAGES_PER_CLASS:
+            extra = f" ({n} files, {len(units)} distinct)" if n != len(units) else ""
+            raise DataError(
+                f"class '{c}' has {len(units)} usable image{'s' if len(units) != 1 else ''}{extra}; "
+                f"each class needs at least {MIN_IMAGES_PER_CLASS} (one each for training, "
+                f"validation and test), and 20+ for useful accuracy: add photos or remove the folder")
+
+
 def split_items(items, *, validation_percentage: float = 10.0, testing_percentage: float = 10.0,
                 classes=None) -> dict[str, str]:
     """Assign each item (with .path, .label, .digest) to a split. Returns {path: split}.
@@ -47,15 +67,7 @@ def split_items(items, *, validation_percentage: float = 10.0, testing_percentag
     by_class: dict[str, list] = defaultdict(list)
     for it in items:
         by_class[it.label].append(it)
-    for c in classes:
-        units = {it.digest for it in by_class.get(c, [])}
-        n = len(by_class.get(c, []))
-        if len(units) < MIN_IMAGES_PER_CLASS:
-            extra = f" ({n} files, {len(units)} distinct)" if n != len(units) else ""
-            raise DataError(
-                f"class '{c}' has {len(units)} usable image{'s' if len(units) != 1 else ''}{extra}; "
-                f"each class needs at least {MIN_IMAGES_PER_CLASS} (one each for training, "
-                f"validation and test), and 20+ for useful accuracy: add photos or remove the folder")
+    check_class_sizes(items, classes)
 
     digest_split: dict[str, str] = {}
     for c in classes:

@@ -351,6 +351,9 @@ def fit(cfg: FitConfig, *, log=None) -> dict:
     log(f"Found {len(s.items)} images in {len(s.classes)} classes in {s.root}"
         + (f" ({len(s.skipped)} unreadable, {len(s.ignored)} non-image files ignored)" if s.skipped or s.ignored else ""))
 
+    from retrain.split import check_class_sizes
+
+    check_class_sizes(s.items, s.classes)  # fail before computing any bottleneck
     warnings_ = []
     if _has("retrain.check"):
         from retrain.check import quick_check  # the cheap part of `retrain check`

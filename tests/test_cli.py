@@ -119,7 +119,9 @@ def test_small_and_empty_classes(tmp_path):
     _fails("fit", data, "-o", tmp_path / "r", match="class 'empty' has 0 usable images")
     (tmp_path / "d" / "empty").rmdir()
     make_image(tmp_path / "d" / "lonely" / "one.jpg", 0, 1)
+    err = run_cli("fit", data, "-o", tmp_path / "r", "--cache-dir", tmp_path / "c", check=False).stderr
     _fails("fit", data, "-o", tmp_path / "r", match="class 'lonely' has 1 usable image;")
+    assert "Bottlenecks:" not in err and not list((tmp_path / "c").glob("*/shard-*"))  # failed fast
 
 
 def test_bad_files_in_the_data_are_listed_not_fatal(tmp_path):
