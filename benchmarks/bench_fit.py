@@ -176,7 +176,7 @@ def main():
                      f"| retrain bottlenecks, `--bottleneck-precision int8` | {r8_ips:.1f} | int8 is {r8_ips / r_ips:.2f}x fp32 |"]
             if t_ips:
                 lines.append(f"| PyTorch eager, same EfficientNet-Lite0 | {t_ips:.1f} | {r_ips / t_ips:.2f}x |")
-            lines.append(f"| Keras MobileNetV2 via image_dataset_from_directory | "
+            lines.append("| Keras MobileNetV2 via image_dataset_from_directory | "
                          + (f"{k_ips:.1f} | {r_ips / k_ips:.2f}x (int8: {r8_ips / k_ips:.2f}x) |"
                             if k_ips else "not installed | - |"))
             lines += ["", "| whole command | figure | target |", "|---|---:|---:|",

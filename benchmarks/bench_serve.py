@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from retrain.runtime import cpu_name
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "flowers"
 HOST = "127.0.0.1"
@@ -32,16 +34,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 async def request(reader, writer, path: str, body: bytes, ctype="image/jpeg") -> tuple[int, bytes]:

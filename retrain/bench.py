@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -309,16 +308,10 @@ def bench(run, extra=(), *, provider: str = "auto", batch: int = 32, threads: in
 
 
 def machine_description() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            text = fh.read()
-        cpu = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
-        flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
-        isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "amx_int8", "amx_bf16") if f" {f}" in flags]
-        cpu += f" ({os.cpu_count()} cores{'; ' + ', '.join(isa) if isa else ''})"
-    except (OSError, StopIteration):
-        pass
+    from retrain.runtime import cpu_flags, cpu_name
+
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "amx_int8", "amx_bf16") if f in cpu_flags()]
+    cpu = f"{cpu_name()} ({os.cpu_count()} cores{'; ' + ', '.join(isa) if isa else ''})"
     import onnxruntime as ort
 
     return f"{cpu}; onnxruntime {ort.__version__}"

@@ -54,12 +54,9 @@ def _torch():
 
 def bf16_supported() -> bool:
     """Native bf16 matrix units on this CPU (AMX-BF16 or AVX-512 BF16)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    from retrain.runtime import cpu_flags
+
+    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
 
 
 def pick_device(provider: str = "auto") -> str:

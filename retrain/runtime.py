@@ -167,12 +167,21 @@ def session_provider(sess) -> str:
     return next((k for k, v in PROVIDERS.items() if v == first), first)
 
 
+def _cpuinfo_field(name: str) -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(name)), None)
+    except OSError:
+        return None
+
+
 def cpu_name() -> str:
     """The processor's model name (from /proc/cpuinfo where there is one)."""
     import platform
 
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
+
+
+def cpu_flags() -> set[str]:
+    """The processor's feature flags (avx512_vnni, amx_bf16, ...); empty where unknown."""
+    return set((_cpuinfo_field("flags") or "").split())
