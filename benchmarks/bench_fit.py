@@ -5,12 +5,18 @@
     python benchmarks/bench_fit.py --no-append     # print only, don't touch BENCHMARKS.md
 
 In one process, on the same photos: retrain's cold bottleneck extraction (threaded decode +
-ONNX Runtime), PyTorch eager extraction of the same backbone, and (when TensorFlow is
-installed: pip install tensorflow-cpu) the TF2 codelab's Keras MobileNetV2 feature-vector
-pipeline through image_dataset_from_directory (weights=None: nothing can be downloaded; the
-compute is the same). Then the real CLI in subprocesses: cold fit (empty bottleneck cache),
-warm fit (another learning rate), label of one image from process start, label of a folder,
-peak memory. Figures are printed with ratios and appended to BENCHMARKS.md with the machine.
+the default engine: bf16 on OpenVINO where the CPU has bf16 units, else fp32 on ONNX
+Runtime; then fp32 and int8 explicitly), PyTorch eager extraction of the same backbone, and
+(when TensorFlow is installed: pip install tensorflow-cpu) the TF2 codelab's Keras MobileNetV2
+feature-vector pipeline through image_dataset_from_directory (weights=None: nothing can be
+downloaded; the compute is the same), timed in steady state (after tracing).
+
+Then whole commands in fresh processes, on the whole data folder: the Keras pipeline as a
+script (import TensorFlow, build the model, read the folder, compute every feature vector:
+what a codelab user waits for), cold `retrain fit` (empty bottleneck cache) in the default,
+fp32 and int8 precisions, warm fit (another L2), label of one image from process start, label
+of a folder, peak memory. Cold fit images/s are compared with both Keras figures. Everything
+is printed with ratios and appended to BENCHMARKS.md with the machine.
 """
 
 from __future__ import annotations
@@ -34,15 +40,16 @@ def pick(data: Path, n: int) -> list[Path]:
     return files[::step][:n]
 
 
-def bench_retrain(files, tmp, precision="fp32"):
+def bench_retrain(files, tmp, precision="fp32", tag=""):
     from retrain.backbones import get_backbone
-    from retrain.bottlenecks import BottleneckCache, extract, feature_session
+    from retrain.bottlenecks import BottleneckCache, choose_precision, extract, feature_session
     from retrain.scan import ImageItem, digest_file
 
     bb = get_backbone("efficientnet_lite0")
+    precision = choose_precision(precision)
     feature_session(bb, precision=precision)  # built outside the timing, like the other models
     items = [ImageItem(str(p), p.parent.name, *digest_file(str(p))) for p in files]
-    cache = BottleneckCache(tmp / f"bench-cache-{precision}", bb, precision=precision)
+    cache = BottleneckCache(tmp / f"bench-cache-{precision}{tag}", bb, precision=precision)
     with Timer() as t:
         feats, fails, timing = extract(items, bb, cache, quiet=True)
     return len(files) / t.s, timing, feats
@@ -64,7 +71,9 @@ def bench_torch(files):
     return len(files) / t.s
 
 
-def bench_keras(files, tmp):
+def keras_runner(files, tmp):
+    """Set up the Keras pipeline (model built, graph traced); returns a function that times one
+    pass over `files` (images/s), or None without TensorFlow."""
     try:
         import tensorflow as tf
     except ImportError:
@@ -83,18 +92,56 @@ def bench_keras(files, tmp):
         return ds.map(lambda x, y: pre(x)).prefetch(tf.data.AUTOTUNE)
 
     model.predict(dataset().take(1), verbose=0)  # trace once, outside the timing
+
+    def run() -> float:
+        with Timer() as t:
+            model.predict(dataset(), verbose=0)
+        return len(files) / t.s
+    return run
+
+
+KERAS_SCRIPT = """
+import sys, time
+t = time.perf_counter()
+import tensorflow as tf
+model = tf.keras.applications.MobileNetV2(weights=None, include_top=False, pooling="avg", input_shape=(224, 224, 3))
+ds = tf.keras.utils.image_dataset_from_directory(sys.argv[1], image_size=(224, 224), batch_size=32, shuffle=False,
+                                                 verbose=False)
+feats = model.predict(ds.map(lambda x, y: tf.keras.applications.mobilenet_v2.preprocess_input(x))
+                      .prefetch(tf.data.AUTOTUNE), verbose=0)
+print(len(feats), time.perf_counter() - t)
+"""
+
+
+def keras_whole_process(data: Path) -> tuple[float, int] | None:
+    """The Keras pipeline as a user runs it: a fresh process over the whole folder (wall s, images)."""
+    import subprocess
+
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError:
+        return None
     with Timer() as t:
-        model.predict(dataset(), verbose=0)
-    return len(files) / t.s
+        r = subprocess.run([sys.executable, "-c", KERAS_SCRIPT, str(data)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"Keras script failed:\n{r.stderr[-2000:]}")
+    return t.s, int(r.stdout.split()[0])
 
 
-def command_targets(data: Path, tmp: Path) -> dict:
+def command_targets(data: Path, tmp: Path, rounds: int = 1) -> dict:
     from retrain.backbones import features_onnx, get_backbone
 
     features_onnx(get_backbone("efficientnet_lite0"))  # one-time export, not part of a "cold" fit
     cache = tmp / "cli-cache"
     n = sum(1 for p in data.glob("*/*") if p.is_file())
-    cold, cold_rss, r = timed_cli("fit", data, "-o", tmp / "run", "--cache-dir", cache, "-q")
+    colds = []
+    for i in range(rounds):  # the default, several times (median): each on an empty cache
+        shutil.rmtree(cache, ignore_errors=True)
+        colds.append(timed_cli("fit", data, "-o", tmp / "run", "--cache-dir", cache, "-q"))
+    cold, cold_rss, r = sorted(colds, key=lambda t: t[0])[len(colds) // 2]
+    cold_all = [t[0] for t in colds]
+    cold32, _, r32 = timed_cli("fit", data, "-o", tmp / "run32", "--cache-dir", tmp / "cli-cache32", "-q",
+                               "--bottleneck-precision", "fp32")
     cold8, _, r8 = timed_cli("fit", data, "-o", tmp / "run8", "--cache-dir", tmp / "cli-cache8", "-q",
                              "--bottleneck-precision", "int8")
     warm, warm_rss, _ = timed_cli("fit", data, "-o", tmp / "run2", "--cache-dir", cache, "-q", "--l2", "0.01")
@@ -105,8 +152,13 @@ def command_targets(data: Path, tmp: Path) -> dict:
     for p in sorted(data.glob("*/*.jpg"))[:400]:
         os.symlink(p, folder / f"{p.parent.name}_{p.name}")
     lf, _, _ = timed_cli("label", tmp / "run", folder, "--json", "-q")
-    return {"images": n, "cold_s": cold, "cold8_s": cold8, "summary8": r8.stdout.strip(), "cold_rss_mb": cold_rss, "warm_s": warm, "warm_rss_mb": warm_rss,
-            "label_one_s": label1, "label_folder_ips": 400 / lf, "summary": r.stdout.strip()}
+    import json
+
+    precision = json.loads((tmp / "run" / "report.json").read_text())["bottleneck_precision"]
+    return {"images": n, "precision": precision, "cold_s": cold, "cold_all": cold_all, "cold32_s": cold32, "summary32": r32.stdout.strip(),
+            "cold8_s": cold8, "summary8": r8.stdout.strip(), "cold_rss_mb": cold_rss, "warm_s": warm,
+            "warm_rss_mb": warm_rss, "label_one_s": label1, "label_folder_ips": 400 / lf,
+            "summary": r.stdout.strip()}
 
 
 def scaling(data: Path, tmp: Path, base: int) -> list[dict]:
@@ -136,6 +188,9 @@ def main():
     ap.add_argument("--scaling-base", type=int, default=500)
     ap.add_argument("--no-append", action="store_true")
     ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="Keras varies from run to run: rounds of (retrain, Keras) extraction, and of the "
+                         "Keras script, whose medians are compared")
     args = ap.parse_args()
     if not args.data.is_dir():
         raise SystemExit(f"data folder not found: {args.data}")
@@ -143,24 +198,51 @@ def main():
     try:
         files = pick(args.data, args.n)
         print(f"machine: {machine()}")
-        r_ips, timing, _ = bench_retrain(files, tmp)
-        print(f"retrain bottlenecks (cold): {r_ips:7.1f} images/s   {timing}")
-        r8_ips, _, _ = bench_retrain(files, tmp, "int8")
-        print(f"retrain bottlenecks, int8 (cold): {r8_ips:7.1f} images/s")
+        from retrain.bottlenecks import choose_precision
+
+        default = choose_precision("auto")
+        ext = {}  # precision -> images/s of cold extraction
+        for prec in dict.fromkeys([default, "fp32", "int8"]):
+            ext[prec], timing, _ = bench_retrain(files, tmp, prec)
+            print(f"retrain bottlenecks, {prec}{' (default)' if prec == default else ''}: "
+                  f"{ext[prec]:7.1f} images/s   {timing}")
         t_ips = None if args.skip_torch else bench_torch(files)
         if t_ips:
-            print(f"PyTorch eager, same backbone: {t_ips:7.1f} images/s   retrain is {r_ips / t_ips:.2f}x")
-        k_ips = bench_keras(files, tmp)
-        if k_ips:
-            print(f"Keras MobileNetV2 pipeline: {k_ips:7.1f} images/s   retrain is {r_ips / k_ips:.2f}x "
-                  f"(int8: {r8_ips / k_ips:.2f}x)")
+            print(f"PyTorch eager, same backbone: {t_ips:7.1f} images/s   retrain is {ext[default] / t_ips:.2f}x")
+        keras = keras_runner(files, tmp)
+        rounds = []  # (retrain default, Keras) images/s, interleaved so both see the same machine
+        if keras:
+            for r in range(args.rounds):
+                rounds.append((bench_retrain(files, tmp, default, tag=f"-round{r}")[0], keras()))
+                print(f"round {r + 1}: retrain {default} {rounds[-1][0]:.1f} images/s, Keras steady state "
+                      f"{rounds[-1][1]:.1f} images/s ({rounds[-1][0] / rounds[-1][1]:.2f}x)")
         else:
             print("Keras MobileNetV2 pipeline: skipped (TensorFlow not installed: pip install tensorflow-cpu)")
-        c = command_targets(args.data, tmp)
-        print(f"cold fit of {c['images']} photos: {c['cold_s']:.1f} s wall, peak {c['cold_rss_mb']} MiB "
-              f"({c['images'] / c['cold_s']:.0f} images/s end to end)\n  {c['summary']}")
-        print(f"cold fit, --bottleneck-precision int8: {c['cold8_s']:.1f} s wall "
-              f"({c['images'] / c['cold8_s']:.0f} images/s end to end)\n  {c['summary8']}")
+        r_ips = float(np.median([ext[default]] + [a for a, _ in rounds]))
+        k_ips = float(np.median([b for _, b in rounds])) if rounds else None
+        if k_ips:
+            print(f"Keras steady state, median of {len(rounds)}: {k_ips:.1f} images/s (range "
+                  f"{min(b for _, b in rounds):.1f}-{max(b for _, b in rounds):.1f}); retrain {default} median "
+                  f"{r_ips:.1f}: {r_ips / k_ips:.2f}x")
+        scripts = [keras_whole_process(args.data) for _ in range(args.rounds if keras else 0)]
+        k_whole = float(np.median([n / w for w, n in scripts])) if scripts else None
+        for w, n in scripts:
+            print(f"Keras MobileNetV2 script, whole process over {n} photos: {w:.1f} s ({n / w:.1f} images/s)")
+        c = command_targets(args.data, tmp, max(1, args.rounds))
+        fits = [(f"`retrain fit` (default: {c['precision']}; median of "
+                 f"{', '.join(f'{x:.1f}' for x in c['cold_all'])} s)", c["cold_s"], c["summary"]),
+                ("`retrain fit --bottleneck-precision fp32`", c["cold32_s"], c["summary32"]),
+                ("`retrain fit --bottleneck-precision int8`", c["cold8_s"], c["summary8"])]
+
+        def vs(ips):
+            return " / ".join(f"{ips / k:.2f}x {name}" for k, name in ((k_ips, "Keras steady state"),
+                                                                        (k_whole, "Keras whole script")) if k)
+
+        for name, wall, summary in fits:
+            ips = c["images"] / wall
+            print(f"cold {name}: {wall:.1f} s wall ({ips:.0f} images/s end to end){'; ' + vs(ips) if vs(ips) else ''}"
+                  f"\n  {summary}")
+        print(f"cold fit peak memory {c['cold_rss_mb']} MiB")
         print(f"warm fit (all cached, other L2): {c['warm_s']:.2f} s wall, peak {c['warm_rss_mb']} MiB")
         print(f"label one image from process start: {c['label_one_s']:.2f} s; label a folder: "
               f"{c['label_folder_ips']:.0f} images/s")
@@ -169,25 +251,38 @@ def main():
             print(f"scaling: {r['images']:5d} images  {r['wall_s']:6.1f} s  {r['images'] / r['wall_s']:6.1f} images/s  "
                   f"peak {r['rss_mb']} MiB")
         if not args.no_append:
+            engine = {"bf16": "OpenVINO, bf16", "fp32": "ONNX Runtime, fp32", "int8": "ONNX Runtime, int8"}
             lines = [f"Machine: {machine()}", "", f"Command: `python benchmarks/bench_fit.py"
                      f"{' --scaling' if args.scaling else ''}` on {args.data.name}", "",
-                     f"| pipeline ({len(files)} photos, cold) | images/s | retrain is |", "|---|---:|---:|",
-                     f"| retrain bottlenecks (threaded decode + ONNX Runtime) | {r_ips:.1f} | 1.00x |",
-                     f"| retrain bottlenecks, `--bottleneck-precision int8` | {r8_ips:.1f} | int8 is {r8_ips / r_ips:.2f}x fp32 |"]
+                     f"| bottleneck extraction ({len(files)} photos, cold, in one process) | images/s | "
+                     f"retrain default is |", "|---|---:|---:|"]
+            lines += [f"| retrain, {engine[p]}{' (default here)' if p == default else ''} | {v:.1f} | "
+                      f"{r_ips / v:.2f}x |" for p, v in ext.items()]
             if t_ips:
                 lines.append(f"| PyTorch eager, same EfficientNet-Lite0 | {t_ips:.1f} | {r_ips / t_ips:.2f}x |")
-            lines.append("| Keras MobileNetV2 via image_dataset_from_directory | "
-                         + (f"{k_ips:.1f} | {r_ips / k_ips:.2f}x (int8: {r8_ips / k_ips:.2f}x) |"
-                            if k_ips else "not installed | - |"))
-            lines += ["", "| whole command | figure | target |", "|---|---:|---:|",
+            lines.append(f"| Keras MobileNetV2 via image_dataset_from_directory, steady state, median of {len(rounds)} | "
+                         + (f"{k_ips:.1f} | {r_ips / k_ips:.2f}x |" if k_ips else "not installed | - |"))
+            if rounds:
+                lines += ["", f"Interleaved rounds (retrain {default} on a fresh cache, then Keras; the retrain row "
+                          "above is the median of these and the first measurement):", "",
+                          "| round | retrain images/s | Keras images/s | ratio |", "|---|---:|---:|---:|"]
+                lines += [f"| {i + 1} | {a:.1f} | {b:.1f} | {a / b:.2f}x |" for i, (a, b) in enumerate(rounds)]
+            lines += ["", "| whole command (fresh process) | wall | images/s | vs Keras steady state (median) | "
+                      "vs Keras whole script (median) |", "|---|---:|---:|---:|---:|"]
+            for w, n in scripts:
+                lines.append(f"| Keras MobileNetV2 script over the folder ({n} photos) | {w:.1f} s | "
+                             f"{n / w:.1f} | - | {n / w / k_whole:.2f}x |")
+            for name, wall, _ in fits:
+                ips = c["images"] / wall
+                lines.append(f"| cold {name} | {wall:.1f} s | {ips:.0f} | "
+                             f"{f'{ips / k_ips:.2f}x' if k_ips else '-'} | {f'{ips / k_whole:.2f}x' if k_whole else '-'} |")
+            lines += ["", "| target | figure | target |", "|---|---:|---:|",
                       f"| cold `retrain fit` ({c['images']} photos, empty cache) | {c['cold_s']:.1f} s | <= 20 s |",
-                      f"| cold `retrain fit --bottleneck-precision int8` | {c['cold8_s']:.1f} s "
-                      f"({c['images'] / c['cold8_s']:.0f} images/s) | - |",
                       f"| warm `retrain fit` (cached, other L2) | {c['warm_s']:.2f} s | <= 3 s |",
                       f"| `retrain label RUN one.jpg` from process start | {c['label_one_s']:.2f} s | <= 0.5 s |",
                       f"| `retrain label RUN folder/` (400 photos) | {c['label_folder_ips']:.0f} images/s | >= 100 |",
-                      f"| peak memory of cold fit | {c['cold_rss_mb']} MiB | <= 1536 MiB |",
-                      "", f"Fit summary: `{c['summary']}`", "", f"int8 fit summary: `{c['summary8']}`"]
+                      f"| peak memory of cold fit | {c['cold_rss_mb']} MiB | <= 1536 MiB |", ""]
+            lines += [f"Fit summary, {name}: `{summary}`" + "\n" for name, _, summary in fits]
             if rows:
                 lines += ["", "| scaling (distinct re-encoded photos, empty cache) | wall | images/s | peak memory |",
                           "|---|---:|---:|---:|"]

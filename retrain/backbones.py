@@ -62,14 +62,20 @@ class Backbone:
         (for int8 also the calibration photos and the onnxruntime version that quantized)."""
         key = {"backbone": self.name, "sha256": self.sha256, "schema": BACKBONE_SCHEMA,
                "opset": OPSET, "pre": self.preprocessing()}
-        if precision != "fp32":
+        if precision == "int8":
             import onnxruntime
 
             key.update(precision=precision, calibration=calibration_digest(), ort=onnxruntime.__version__)
+        elif precision == "bf16":
+            from retrain.runtime import openvino_version
+
+            key.update(precision=precision, openvino=openvino_version())
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-PRECISIONS = ("fp32", "int8")
+# Bottleneck precisions. bf16 runs the fp32 graph on OpenVINO with bf16 matrix units (see
+# retrain.runtime); int8 is a statically quantized graph (quantize_int8) run by ONNX Runtime.
+PRECISIONS = ("fp32", "bf16", "int8")
 CALIBRATION_DIR = Path(__file__).parent / "calibration"
 
 
@@ -222,7 +228,8 @@ def features_onnx(bb: Backbone, *, precision: str = "fp32", log=print) -> Path:
 
     The export is checked against PyTorch on random input (max abs difference < 1e-3) before
     it is kept. The file name carries the fingerprint, so any change makes a new one.
-    precision "int8": the fp32 graph statically quantized (see quantize_int8).
+    precision "int8": the fp32 graph statically quantized (see quantize_int8); "bf16": the fp32
+    graph (bf16 is how OpenVINO runs it, not a different file).
     """
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}."

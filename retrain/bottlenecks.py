@@ -4,7 +4,8 @@ Cache layout (one folder per backbone fingerprint, so weights, export code or pr
 changes start a new one):
 
     <cache_dir>/<backbone>-<fingerprint>/meta.json        what produced it
-    <cache_dir>/<backbone>-<fingerprint>/shard-*.npz      keys (n,16) uint8, feats (n,C) float32,
+    <cache_dir>/<backbone>-<fingerprint>/shard-*.npz      keys (n,16) uint8, feats (n,C) float32
+                                                          (float16 for fine-tuning activations),
                                                           check = BLAKE2b of both
 Shards are written atomically, one per batch, so Ctrl-C or kill -9 loses at most the batch
 in flight. A shard that fails its checksum or cannot be read is deleted and its images are
@@ -30,7 +31,7 @@ import numpy as np
 
 from retrain import images
 from retrain.backbones import Backbone, cache_root
-from retrain.errors import ImageError
+from retrain.errors import ConfigError, ImageError, MissingDependency
 from retrain.progress import bar
 
 CACHE_SCHEMA = 1
@@ -57,9 +58,11 @@ def key_of(digest_hex: str, variant: str = "") -> bytes:
 class BottleneckCache:
     """Features keyed by 16-byte keys, held in memory as a few contiguous arrays."""
 
-    def __init__(self, cache_dir, backbone: Backbone, *, precision: str = "fp32", log=None):
+    def __init__(self, cache_dir, backbone: Backbone, *, precision: str = "fp32", dtype: str = "float32",
+                 log=None):
         self.backbone = backbone
         self.precision = precision
+        self.dtype = np.dtype(dtype)
         self.dim = backbone.feature_dim
         suffix = "" if precision == "fp32" else f"-{precision}"
         self.folder = (Path(cache_dir).expanduser()
@@ -68,7 +71,7 @@ class BottleneckCache:
         self.log = log or (lambda m: None)
         self.meta = {"schema": CACHE_SCHEMA, "backbone": backbone.name, "precision": precision,
                      "fingerprint": backbone.fingerprint(precision), "preprocessing": backbone.preprocessing(),
-                     "weights_sha256": backbone.sha256, "dtype": "float32", "dim": self.dim}
+                     "weights_sha256": backbone.sha256, "dtype": self.dtype.name, "dim": self.dim}
         meta_path = self.folder / "meta.json"
         old = None
         if meta_path.is_file():
@@ -108,7 +111,7 @@ class BottleneckCache:
                 with np.load(p, allow_pickle=False) as z:
                     keys, feats, check = z["keys"], z["feats"], z["check"]
                 ok = (keys.ndim == 2 and keys.shape[1] == 16 and feats.shape == (len(keys), self.dim)
-                      and feats.dtype == np.float32 and np.array_equal(check, _checksum(keys, feats))
+                      and feats.dtype == self.dtype and np.array_equal(check, _checksum(keys, feats))
                       and np.isfinite(feats).all())
             except Exception:  # truncated zip, bad header, missing array: all mean "damaged"
                 ok = False
@@ -134,8 +137,8 @@ class BottleneckCache:
         return key in self._index
 
     def get(self, keys: list[bytes]) -> np.ndarray:
-        """(n, C) float32 features for keys that are all present."""
-        out = np.empty((len(keys), self.dim), np.float32)
+        """(n, C) features (the cache's dtype) for keys that are all present."""
+        out = np.empty((len(keys), self.dim), self.dtype)
         for i, k in enumerate(keys):
             a, r = self._index[k]
             out[i] = self._arrays[a][r]
@@ -146,7 +149,7 @@ class BottleneckCache:
         if not keys:
             return
         k = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 16)
-        f = np.ascontiguousarray(feats, dtype=np.float32)
+        f = np.ascontiguousarray(feats, dtype=self.dtype)
         self._write_shard(k, f)
         self._add_array(k, f)
 
@@ -190,14 +193,50 @@ def missing(keys: list[bytes], cache) -> list[int]:
 _SESSIONS: dict = {}
 
 
+def choose_precision(asked: str, *, provider: str = "auto", fine_tune: bool = False) -> str:
+    """The bottleneck precision to use: `asked`, or for "auto" the fastest that keeps accuracy.
+
+    auto: bf16 on a CPU with native bf16 units (AMX / AVX-512 BF16) when OpenVINO is installed
+    and no GPU provider is in use; fp32 otherwise, and always fp32 for --fine-tune (it trains
+    in floating point from fp32 activations). int8 is never chosen automatically: its
+    calibration photos are flowers, and photos of another kind should not pay for that.
+    bf16 asked for where it cannot run is an error that says why.
+    """
+    from retrain.runtime import PROVIDERS, available_providers, cpu_has_bf16, gpu_visible, openvino_available
+
+    gpu = provider in ("cuda", "tensorrt") or (
+        provider == "auto" and gpu_visible() and PROVIDERS["cuda"] in available_providers())
+    if asked == "auto":
+        if fine_tune or gpu or not cpu_has_bf16() or not openvino_available():
+            return "fp32"
+        return "bf16"
+    if asked == "bf16":
+        if provider in ("cuda", "tensorrt"):
+            raise ConfigError(f"--bottleneck-precision bf16 runs on the CPU (OpenVINO), not with --provider "
+                              f"{provider}; use fp32 there")
+        if not cpu_has_bf16():
+            raise ConfigError("--bottleneck-precision bf16 needs a CPU with bf16 units (AMX or AVX-512 BF16), "
+                              "which this one lacks; use fp32 or int8")
+        if not openvino_available():
+            raise MissingDependency("--bottleneck-precision bf16 runs on OpenVINO, which is not installed: "
+                                    "pip install openvino, or use fp32")
+    return asked
+
+
 def feature_session(backbone: Backbone, *, provider: str = "auto", precision: str = "fp32", log=print):
-    """The (process-wide) ONNX Runtime session of a backbone's feature extractor."""
+    """The (process-wide) session of a backbone's feature extractor: ONNX Runtime for fp32 and
+    int8, OpenVINO for bf16 (it takes uint8 pixels; see retrain.runtime.OpenVINOSession)."""
     from retrain.backbones import features_onnx
-    from retrain.runtime import make_session
+    from retrain.runtime import make_session, openvino_session
 
     key = (backbone.name, provider, precision)
     if key not in _SESSIONS:
-        _SESSIONS[key] = make_session(features_onnx(backbone, precision=precision, log=log), provider=provider)
+        path = features_onnx(backbone, precision=precision, log=log)
+        if precision == "bf16":
+            _SESSIONS[key] = openvino_session(path, precision="bf16", size=backbone.image_size,
+                                              mean=backbone.mean, std=backbone.std)
+        else:
+            _SESSIONS[key] = make_session(path, provider=provider)
     return _SESSIONS[key]
 
 
@@ -219,8 +258,10 @@ def run_pipeline(sources: list, loader, session, *, batch_size: int = 8, workers
         it = iter(enumerate(sources))
         window = batch_size * 3
 
+        raw = getattr(session, "takes_uint8", False)  # OpenVINO: normalised inside the model
+
         def prepare(src):  # in a worker: decode, resize and normalise (all in parallel)
-            return images.normalize(loader(src)[None], mean, std)[0]
+            return loader(src) if raw else images.normalize(loader(src)[None], mean, std)[0]
 
         def fill():
             while len(pending) < window:
@@ -247,7 +288,7 @@ def run_pipeline(sources: list, loader, session, *, batch_size: int = 8, workers
                 fill()
             if arrs:
                 t0 = time.perf_counter()
-                x = np.stack(arrs)  # (B, 3, H, W) float32
+                x = np.stack(arrs)  # (B, 3, H, W) float32, or (B, H, W, 3) uint8
                 out = session.run(None, {input_name: x})[0]
                 t_compute += time.perf_counter() - t0
                 if on_batch:

@@ -28,9 +28,10 @@ class FitConfig:
     cache_dir: str | None = opt(None, "bottleneck cache folder (default: user cache folder)",
                                 "--bottleneck_dir")
     batch_size: int = opt(8, "images per backbone batch when computing bottlenecks (8 is fastest on a CPU)")
-    bottleneck_precision: str = opt("fp32", "fp32, or int8: a backbone quantized once (calibrated on "
-                                    "photos shipped with retrain), about 1.6x faster bottlenecks; the "
-                                    "model is built on the same backbone", choices=("fp32", "int8"))
+    bottleneck_precision: str = opt("auto", "auto: bf16 on CPUs with bf16 units (AMX, AVX-512 BF16; "
+                                    "run by OpenVINO, the model stays fp32), else fp32; int8: a backbone "
+                                    "quantized once (calibrated on photos shipped with retrain), the model "
+                                    "is built on it", choices=("auto", "fp32", "bf16", "int8"))
     workers: int = opt(0, "image-decoding threads (0: one per core, at most 4)")
     provider: str = opt("auto", "ONNX Runtime execution provider", choices=("auto", "cpu", "cuda", "tensorrt"))
     # --- final layer
@@ -77,9 +78,9 @@ class FitConfig:
                     "evaluate then use it by default")
     # --- fine-tuning (needs torch)
     fine_tune: bool = opt(False, "also train the last backbone blocks (slower, more accurate)", "--fine_tune")
-    unfreeze: int = opt(6, "backbone blocks unfrozen by --fine-tune, counted from the end (with the "
+    unfreeze: int = opt(8, "backbone blocks unfrozen by --fine-tune, counted from the end (with the "
                         "final 1x1 convolution)")
-    epochs: int = opt(12, "most fine-tuning epochs (fewer when validation stops improving)")
+    epochs: int = opt(8, "fine-tuning epochs (fewer when validation stops improving in the second half)")
     resume: bool = opt(False, "continue an interrupted --fine-tune from its checkpoint")
     fp32: bool = opt(False, "fine-tune in float32 even where the CPU has bf16")
 

@@ -126,10 +126,13 @@ def write_model(path: Path, backbone, W, b, *, labels, metrics, output_name="fin
     """
     from retrain.backbones import features_onnx
 
-    m = attach_head(features_onnx(backbone, precision=precision), W, b, output_name=output_name,
+    # bf16 bottlenecks come from the fp32 graph run in bf16 (OpenVINO): the model keeps it in fp32.
+    graph = "int8" if precision == "int8" else "fp32"
+    m = attach_head(features_onnx(backbone, precision=graph), W, b, output_name=output_name,
                     temperature=temperature)
     set_metadata(m, model_metadata(labels=labels, backbone=backbone, metrics=metrics, output_name=output_name,
-                                   extra={"backbone_precision": precision, **(extra_meta or {})}))
+                                   extra={"backbone_precision": graph, "bottleneck_precision": precision,
+                                          **(extra_meta or {})}))
     import onnx
 
     onnx.checker.check_model(m)

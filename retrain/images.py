@@ -86,7 +86,7 @@ def open_image(source, *, draft_size: int | None = None, max_pixels: int = MAX_P
         if draft_size and im.format == "JPEG":
             im.draft("RGB", (draft_size, draft_size))
         im.load()
-        im = ImageOps.exif_transpose(im)
+        ImageOps.exif_transpose(im, in_place=True)  # in place: no copy of every upright photo
         return _to_rgb(im)
     except ImageError:
         raise

@@ -284,7 +284,8 @@ def run_html(report: dict) -> str:
     cards = [("test accuracy", _pct(te.get("accuracy"))), ("validation accuracy", _pct(va.get("accuracy"))),
              ("train accuracy", _pct(tr.get("accuracy"))), ("images", n_images),
              ("classes", len(report.get("labels", []))), ("total time", f"{timings.get('total_s', 0):.1f} s"),
-             ("architecture", report.get("architecture", "?")), ("optimizer", train.get("optimizer", "?"))]
+             ("architecture", report.get("architecture", "?")), ("optimizer", train.get("optimizer", "?")),
+             ("bottleneck precision", report.get("bottleneck_precision", "fp32"))]
     body = ['<div class="cards" id="summary">' + "".join(
         f'<div class="card"><b>{esc(v)}</b><span>{esc(k)}</span></div>' for k, v in cards) + "</div>"]
     warns = report.get("data_warnings") or []

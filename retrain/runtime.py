@@ -10,6 +10,11 @@
   visible but unused, which is the case a person would want to know about.
 TensorRT builds its engine once per model and keeps it in an engine cache folder
 ($RETRAIN_CACHE/tensorrt unless `trt_cache` says otherwise).
+
+Bottlenecks in bf16 run on OpenVINO (`openvino_session`), the one CPU runtime here that
+uses the bf16 matrix units (AMX, AVX-512 BF16) of recent Intel CPUs: ONNX Runtime's CPU
+provider has no bf16 convolutions. Everything else, and every model a user gets, runs on
+ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -185,3 +190,81 @@ def cpu_name() -> str:
 def cpu_flags() -> set[str]:
     """The processor's feature flags (avx512_vnni, amx_bf16, ...); empty where unknown."""
     return set((_cpuinfo_field("flags") or "").split())
+
+
+def cpu_has_bf16() -> bool:
+    """Native bf16 matrix units on this CPU (AMX-BF16 or AVX-512 BF16)."""
+    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+
+
+def openvino_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
+
+
+def openvino_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("openvino")
+    except PackageNotFoundError:
+        return "none"
+
+
+class _Input:
+    name = "input"
+
+
+class OpenVINOSession:
+    """A compiled OpenVINO model with the slice of InferenceSession's interface the
+    bottleneck pipeline uses (get_inputs, run).
+
+    It takes the decoded pixels as they are, uint8 (N, H, W, 3): the conversion to float,
+    (x - mean) / std and the NHWC -> NCHW transpose are compiled into the model, so the
+    decoding threads skip that work.
+    """
+
+    takes_uint8 = True
+
+    def __init__(self, path, *, precision: str, size: int, mean, std, threads: int | None = None):
+        import openvino as ov
+        from openvino.preprocess import PrePostProcessor
+
+        from retrain.backbones import cache_root
+
+        core = ov.Core()
+        core.set_property({"CACHE_DIR": str(cache_root() / "openvino")})  # compiled blobs: the second start is quick
+        model = core.read_model(str(path))
+        model.reshape([-1, 3, size, size])
+        ppp = PrePostProcessor(model)
+        ppp.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
+        ppp.input().model().set_layout(ov.Layout("NCHW"))
+        mean = [float(m) for m in (mean if isinstance(mean, (list, tuple)) else [mean] * 3)]
+        std = [float(v) for v in (std if isinstance(std, (list, tuple)) else [std] * 3)]
+        ppp.input().preprocess().convert_element_type(ov.Type.f32).mean(mean).scale(std)
+        model = ppp.build()
+        config = {"INFERENCE_PRECISION_HINT": {"bf16": "bf16", "fp32": "f32"}[precision],
+                  "PERFORMANCE_HINT": "LATENCY",  # one request at a time, all cores on it
+                  "INFERENCE_NUM_THREADS": threads or (os.cpu_count() or 1)}
+        self.compiled = core.compile_model(model, "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        self.precision = precision
+
+    def get_inputs(self):
+        return [_Input()]
+
+    def get_providers(self):
+        return ["OpenVINO CPU"]
+
+    def run(self, _output_names, feeds: dict):
+        x = next(iter(feeds.values()))
+        return [self.request.infer({0: x})[0].copy()]
+
+
+def openvino_session(path, *, precision: str, size: int, mean, std, threads: int | None = None):
+    """An OpenVINO CPU session of an fp32 ONNX model, run in `precision` (bf16 or fp32)."""
+    if not openvino_available():
+        raise MissingDependency("bf16 bottlenecks run on OpenVINO, which is not installed: "
+                                "pip install openvino, or use --bottleneck-precision fp32")
+    return OpenVINOSession(path, precision=precision, size=size, mean=mean, std=std, threads=threads)

@@ -250,7 +250,7 @@ def validate_config(cfg: FitConfig) -> None:
          f"got {cfg.unfreeze}")
     need(cfg.unknown_precision is None or 0 < cfg.unknown_precision < 1,
          f"--unknown-precision is a precision between 0 and 1 (e.g. 0.95), got {cfg.unknown_precision}")
-    need(not (cfg.fine_tune and cfg.bottleneck_precision != "fp32"),
+    need(not (cfg.fine_tune and cfg.bottleneck_precision not in ("auto", "fp32")),
          "--fine-tune trains the backbone in floating point: use it with --bottleneck-precision fp32")
     need(not cfg.resume or cfg.fine_tune, "--resume continues an interrupted --fine-tune; add --fine-tune")
     need(cfg.final_tensor_name.replace("_", "").replace("/", "").isalnum(),
@@ -302,16 +302,32 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def device_description(provider: str = "auto") -> str:
-    """e.g. 'CPU: Intel(R) Xeon(R) ... (2 cores), onnxruntime CPUExecutionProvider'."""
-    from retrain.runtime import cpu_name, resolve_providers
+def device_description(provider: str = "auto", precision: str = "fp32") -> str:
+    """e.g. 'CPU: Intel(R) Xeon(R) ... (2 cores); onnxruntime CPUExecutionProvider'."""
+    from retrain.runtime import cpu_name, openvino_version, resolve_providers
 
     cpu = cpu_name()
     try:
         eps = [p if isinstance(p, str) else p[0] for p in resolve_providers(provider)]
     except Exception:
         eps = ["?"]
-    return f"CPU: {cpu} ({os.cpu_count()} cores); onnxruntime {eps[0]}"
+    bottlenecks = f"; bottlenecks in bf16 on OpenVINO {openvino_version()}" if precision == "bf16" else ""
+    return f"CPU: {cpu} ({os.cpu_count()} cores); onnxruntime {eps[0]}{bottlenecks}"
+
+
+def _prewarm(*modules: str) -> None:
+    """Import `modules` in a background thread (they take ~0.5 s and are needed later)."""
+    import importlib
+    import threading
+
+    def run():
+        for m in modules:
+            try:
+                importlib.import_module(m)
+            except ImportError:
+                pass
+
+    threading.Thread(target=run, name="retrain-prewarm", daemon=True).start()
 
 
 def _write_json(path: Path, obj) -> None:
@@ -322,7 +338,7 @@ def fit(cfg: FitConfig, *, log=None) -> dict:
     """Train a classifier as `cfg` says and write its run folder. Returns the report dict."""
     from retrain import __version__
     from retrain.backbones import get_backbone
-    from retrain.bottlenecks import BottleneckCache, default_cache_dir, extract
+    from retrain.bottlenecks import BottleneckCache, choose_precision, default_cache_dir, extract
     from retrain.evaluate import compute_metrics
     from retrain.export import write_model
     from retrain.images import load
@@ -332,6 +348,7 @@ def fit(cfg: FitConfig, *, log=None) -> dict:
 
     log = log or Log(cfg.quiet)
     validate_config(cfg)
+    precision = choose_precision(cfg.bottleneck_precision, provider=cfg.provider, fine_tune=cfg.fine_tune)
     from retrain import augment
 
     distortions, n_views = augment.resolve(cfg)
@@ -363,7 +380,8 @@ def fit(cfg: FitConfig, *, log=None) -> dict:
             log.warn(w)
 
     t0 = time.perf_counter()
-    cache = BottleneckCache(cfg.cache_dir or default_cache_dir(), bb, precision=cfg.bottleneck_precision, log=log)
+    cache = BottleneckCache(cfg.cache_dir or default_cache_dir(), bb, precision=precision, log=log)
+    _prewarm("scipy.optimize", "onnx")  # needed after the bottlenecks: imported while they run
     feats, failures, btiming = extract(s.items, bb, cache, provider=cfg.provider, batch_size=cfg.batch_size,
                                        workers=cfg.workers or None, quiet=cfg.quiet, log=log)
     timings["bottlenecks_s"] = round(time.perf_counter() - t0, 3)
@@ -433,12 +451,13 @@ def fit(cfg: FitConfig, *, log=None) -> dict:
 
     ft = None
     if cfg.fine_tune:
-        from retrain.finetune import DEFAULT_VIEWS, fine_tune
+        from retrain.finetune import DEFAULT_DISTORTIONS, DEFAULT_VIEWS, fine_tune
 
         t0 = time.perf_counter()
         W0, b0 = head.folded()
         # Fine-tuning without distortion flags still trains on a few cached distorted views.
-        ft_d, ft_views = (distortions, n_views) if n_views else (augment.resolve_default(), DEFAULT_VIEWS)
+        ft_d, ft_views = ((distortions, n_views) if n_views
+                          else (augment.Distortions(**DEFAULT_DISTORTIONS), DEFAULT_VIEWS))
         ft = fine_tune(cfg, bb, items, y, parts, W0=W0, b0=b0, views=ft_views, distortions=ft_d,
                        cache_dir=cache.folder.parent, checkpoint=checkpoint_path(out), log=log)
         X = ft.features
@@ -470,7 +489,15 @@ def fit(cfg: FitConfig, *, log=None) -> dict:
         W, b = head.folded()
         check_idx = (va if len(va) else tr)[:8]
         check_imgs = np.stack([load(paths[i], bb.image_size, bb.crop_fraction) for i in check_idx])
-        expected = head.probs(X[check_idx], temperature)
+        Xcheck = X[check_idx]
+        if precision == "bf16":
+            # The model runs its backbone in fp32 (ONNX Runtime): check it against fp32 features.
+            from retrain.bottlenecks import feature_session
+            from retrain.images import normalize
+
+            Xcheck = feature_session(bb, provider="cpu", precision="fp32", log=log).run(
+                None, {"input": normalize(check_imgs, bb.mean, bb.std)})[0]
+        expected = head.probs(Xcheck, temperature)
         extra_meta = {"optimizer": train_info["optimizer"], "temperature": temperature,
                       "tta": bool(cfg.tta), "fine_tuned": bool(ft)}
         if calibration.get("unknown_threshold") is not None:
@@ -479,7 +506,7 @@ def fit(cfg: FitConfig, *, log=None) -> dict:
             parity = write_model(tmp / "model.onnx", bb, W, b, labels=labels, metrics=summary_metrics,
                                  output_name=cfg.final_tensor_name, check=(check_imgs, expected),
                                  extra_meta=extra_meta, temperature=temperature,
-                                 precision=cfg.bottleneck_precision)
+                                 precision=precision)
         else:
             from retrain.finetune import write_fine_tuned_model
 
@@ -505,7 +532,7 @@ def fit(cfg: FitConfig, *, log=None) -> dict:
             "output": str(out),
             "architecture": bb.name,
             "backbone": bb.preprocessing() | {"fingerprint": bb.fingerprint(), "params": bb.params},
-            "bottleneck_precision": cfg.bottleneck_precision,
+            "bottleneck_precision": precision,
             "provider": cfg.provider,
             "labels": labels,
             "class_counts": s.counts(),
@@ -521,7 +548,7 @@ def fit(cfg: FitConfig, *, log=None) -> dict:
             "ignored_files": s.ignored[:1000],
             "duplicates": s.duplicates(),
             "data_warnings": warnings_,
-            "device": device_description(cfg.provider),
+            "device": device_description(cfg.provider, precision),
             "cache_dir": str(cache.folder),
         }
         if cfg.summaries_dir and _has("retrain.summaries"):

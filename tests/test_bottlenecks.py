@@ -7,10 +7,13 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
-from conftest import make_dataset, run_cli
+from conftest import EXAMPLES, make_dataset, run_cli
 from retrain.backbones import get_backbone
-from retrain.bottlenecks import BottleneckCache, extract
+from retrain.bottlenecks import BottleneckCache, choose_precision, extract, feature_session
+from retrain.errors import ConfigError
+from retrain.runtime import cpu_has_bf16, openvino_available
 from retrain.scan import scan
 
 BB = get_backbone("efficientnet_lite0")
@@ -76,7 +79,7 @@ def test_kill_9_during_bottlenecks_then_resume(tmp_path):
         time.sleep(0.05)
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
-    done = len(BottleneckCache(cache, BB))
+    done = len(BottleneckCache(cache, BB, precision=choose_precision("auto")))  # the default's cache
     assert 0 < done < 240, done
     r = run_cli("fit", data, "-o", tmp_path / "run", "--cache-dir", cache)
     assert f"{240 - done} computed" in r.stderr and f"{done} from cache" in r.stderr
@@ -93,3 +96,36 @@ def test_int8_bottlenecks_have_their_own_cache_and_agree_with_fp32(tiny_dataset,
     cos = (f8 * f32).sum(1) / (np.linalg.norm(f8, axis=1) * np.linalg.norm(f32, axis=1))
     assert cos.mean() > 0.93 and not np.array_equal(f8, f32)  # off-domain synthetic images
     assert '"precision": "int8"' in (c8.folder / "meta.json").read_text()
+
+
+BF16 = cpu_has_bf16() and openvino_available()
+
+
+@pytest.mark.skipif(not BF16, reason="needs a CPU with AMX / AVX-512 BF16 and OpenVINO installed")
+def test_bf16_bottlenecks_run_on_openvino_and_agree_with_fp32(tmp_path):
+    s = scan(EXAMPLES, quiet=True)  # real photos
+    items = s.items[::6]
+    f32, _, _ = extract(items, BB, BottleneckCache(tmp_path / "c", BB), quiet=True)
+    c16 = BottleneckCache(tmp_path / "c", BB, precision="bf16")
+    assert c16.folder != BottleneckCache(tmp_path / "c", BB).folder and len(c16) == 0
+    f16, _, t = extract(items, BB, c16, quiet=True)
+    assert t["computed"] == len(items)
+    assert type(feature_session(BB, precision="bf16")).__name__ == "OpenVINOSession"
+    cos = (f16 * f32).sum(1) / (np.linalg.norm(f16, axis=1) * np.linalg.norm(f32, axis=1))
+    assert cos.min() > 0.99 and not np.array_equal(f16, f32)
+    assert '"precision": "bf16"' in (c16.folder / "meta.json").read_text()
+
+
+def test_auto_precision_is_bf16_only_where_it_runs_and_never_for_fine_tuning(monkeypatch):
+    assert choose_precision("auto") == ("bf16" if BF16 else "fp32")
+    assert choose_precision("auto", fine_tune=True) == "fp32"
+    assert choose_precision("auto", provider="cuda") == "fp32"
+    assert choose_precision("int8") == "int8"
+    with pytest.raises(ConfigError, match="runs on the CPU"):
+        choose_precision("bf16", provider="tensorrt")
+    import retrain.runtime
+
+    monkeypatch.setattr(retrain.runtime, "cpu_flags", lambda: {"avx2"})  # an older CPU
+    assert choose_precision("auto") == "fp32"
+    with pytest.raises(ConfigError, match="needs a CPU with bf16 units"):
+        choose_precision("bf16")

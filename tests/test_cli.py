@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from conftest import make_dataset, make_image, run_cli
+from retrain.runtime import cpu_has_bf16, openvino_available
 
 
 @pytest.fixture(scope="module")
@@ -167,3 +168,19 @@ def test_int8_bottlenecks_from_the_cli(e2e, tmp_path):
     _fails("fit", data, "--bottleneck-precision", "int4", match="Did you mean 'int8'")
     _fails("export", tmp_path / "r8", "--format", "onnx-int8", "--output", tmp_path / "x",
            match="already quantized")
+
+
+@pytest.mark.skipif(not (cpu_has_bf16() and openvino_available()),
+                    reason="needs a CPU with AMX / AVX-512 BF16 and OpenVINO installed")
+def test_bf16_bottlenecks_from_the_cli_give_an_fp32_model(e2e, tmp_path):
+    root, data, held, run, _ = e2e
+    run_cli("fit", data, "-o", tmp_path / "r16", "--cache-dir", root / "cache", "--bottleneck-precision", "bf16")
+    rep = json.loads((tmp_path / "r16" / "report.json").read_text())
+    assert rep["bottleneck_precision"] == "bf16"
+    import onnxruntime as ort
+
+    meta = ort.InferenceSession(str(tmp_path / "r16" / "model.onnx")).get_modelmeta().custom_metadata_map
+    assert meta["backbone_precision"] == "fp32" and meta["bottleneck_precision"] == "bf16"
+    assert "bf16" in (tmp_path / "r16" / "report.html").read_text()
+    out = json.loads(run_cli("label", tmp_path / "r16", held / "stripes", "--json").stdout)
+    assert sum(o["label"] == "stripes" for o in out) >= 2

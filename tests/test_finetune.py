@@ -51,7 +51,7 @@ def test_fine_tune_one_epoch_exports_a_self_contained_model(tmp_path):
     rep = json.loads((out / "report.json").read_text())
     ft = rep["train"]["fine_tune"]
     assert ft["epochs_run"] == 1 and ft["first_unfrozen_block"] == 15
-    assert ft["views_per_image"] == 2
+    assert ft["views_per_image"] == 6  # cached distorted views even without distortion flags
     assert rep["export_parity_max_abs_diff"] < 2e-3
     assert not (tmp_path / ".run.fine-tune-checkpoint.pt").exists()  # finished: removed
     clf = Classifier(out, provider="cpu")
