@@ -8,7 +8,7 @@ augmentation through `retrain evaluate --tta`.
 
     python benchmarks/bench_accuracy.py [--data ../shared/data/flower_photos] [--only head,...]
 
-Writes benchmarks/results/accuracy.md (and .json).
+Writes benchmarks/results/accuracy-run.md (and .json); --out names another file.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 from retrain.runtime import cpu_name
 
@@ -69,16 +71,19 @@ def main() -> int:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--only", default=",".join(CONFIGS), help="comma list of: " + ", ".join(CONFIGS))
     ap.add_argument("--tta", action="store_true", help="also evaluate each model with test-time augmentation")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "accuracy.md")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run each configuration this many times (fine-tuning is not bit-for-bit repeatable: "
+                         "report the spread)")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "accuracy-run.md")
     a = ap.parse_args()
     if not a.data.is_dir():
         sys.exit(f"data not found: {a.data}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-accuracy-") as tmp:
         tmp = Path(tmp)
-        for name in a.only.split(","):
+        for name, rep_i in [(n, i) for n in a.only.split(",") for i in range(a.repeat)]:
             extra = CONFIGS[name]
-            run_dir, cache = tmp / name / "run", tmp / name / "cache"
+            run_dir, cache = tmp / name / f"run{rep_i}", tmp / name / f"cache{rep_i}"
             cmd = [sys.executable, "-m", "retrain", "fit", str(a.data), "-o", str(run_dir), "--cache-dir",
                    str(cache), "-q", *extra]
             print(f"{name}: {' '.join(['retrain', *cmd[3:]])}", flush=True)
@@ -86,7 +91,8 @@ def main() -> int:
             rep = json.loads((run_dir / "report.json").read_text())
             te, va = rep["metrics"]["test"], rep["metrics"]["validation"]
             cal = rep["calibration"]
-            row = {"config": name, "flags": " ".join(extra), "wall_s": round(wall, 1),
+            row = {"config": name + (f" (run {rep_i + 1})" if a.repeat > 1 else ""), "flags": " ".join(extra),
+                   "wall_s": round(wall, 1),
                    "test_accuracy": te["accuracy"], "test_n": te["n"], "validation_accuracy": va["accuracy"],
                    "test_per_class_recall": te["per_class_recall"], "temperature": cal["temperature"],
                    "ece_validation": [cal.get("ece_validation_before"), cal.get("ece_validation_after")],
@@ -108,6 +114,11 @@ def main() -> int:
                      f"{r['validation_accuracy']:.2%} | {r['wall_s']:.0f} s | "
                      f"{r['ece_validation'][0]:.3f} -> {r['ece_validation'][1]:.3f} | "
                      f"{r['ece_test'][0]:.3f} -> {r['ece_test'][1]:.3f} |")
+    if a.repeat > 1:
+        lines += ["", f"Spread over {a.repeat} runs of each configuration (test accuracy):", ""]
+        for name in a.only.split(","):
+            accs = [r["test_accuracy"] for r in rows if r["config"].startswith(name + " (run")]
+            lines.append(f"- {name}: mean {np.mean(accs):.2%}, min {min(accs):.2%}, max {max(accs):.2%}")
     lines += ["", "Per-class test recall:", ""]
     for r in rows:
         lines.append(f"- {r['config']}: " + ", ".join(f"{c} {v:.1%}" for c, v in r["test_per_class_recall"].items()))
@@ -118,7 +129,8 @@ def main() -> int:
     lines += ["", "Commands (each with `--cache-dir <fresh folder> -q`):", ""]
     for r in rows:
         lines.append(f"- {r['config']}: `retrain fit {a.data} -o RUN {r['flags']}`".rstrip())
-    lines += ["", f"Reproduce: `python benchmarks/bench_accuracy.py{' --tta' if a.tta else ''}`", ""]
+    lines += ["", f"Reproduce: `python benchmarks/bench_accuracy.py --only {a.only}{' --tta' if a.tta else ''}"
+                  f"{f' --repeat {a.repeat}' if a.repeat > 1 else ''}`", ""]
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text("\n".join(lines))
     a.out.with_suffix(".json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n")

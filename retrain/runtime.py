@@ -267,4 +267,10 @@ def openvino_session(path, *, precision: str, size: int, mean, std, threads: int
     if not openvino_available():
         raise MissingDependency("bf16 bottlenecks run on OpenVINO, which is not installed: "
                                 "pip install openvino, or use --bottleneck-precision fp32")
-    return OpenVINOSession(path, precision=precision, size=size, mean=mean, std=std, threads=threads)
+    try:
+        return OpenVINOSession(path, precision=precision, size=size, mean=mean, std=std, threads=threads)
+    except Exception as e:  # OpenVINO raises its own RuntimeError subclasses
+        from retrain.errors import ModelError
+
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ModelError(f"OpenVINO could not compile {path} ({msg}); use --bottleneck-precision fp32") from None

@@ -129,3 +129,14 @@ def test_auto_precision_is_bf16_only_where_it_runs_and_never_for_fine_tuning(mon
     assert choose_precision("auto") == "fp32"
     with pytest.raises(ConfigError, match="needs a CPU with bf16 units"):
         choose_precision("bf16")
+
+
+@pytest.mark.skipif(not openvino_available(), reason="OpenVINO is not installed")
+def test_openvino_that_cannot_compile_is_one_clear_error(tmp_path):
+    from retrain.errors import ModelError
+    from retrain.runtime import openvino_session
+
+    bad = tmp_path / "broken.onnx"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(ModelError, match="OpenVINO could not compile .*--bottleneck-precision fp32"):
+        openvino_session(bad, precision="bf16", size=224, mean=127.0, std=128.0)
