@@ -433,7 +433,8 @@ def fine_tune(cfg, bb, items, y, parts, *, W0, b0, views=0, distortions=None, ca
             "precision": "bf16 autocast" if use_bf16 else "fp32", "epochs_run": len(history),
             "best_epoch": best["epoch"], "head_learning_rate": head_lr,
             "tail_learning_rate": head_lr * TAIL_LR_FACTOR, "weight_decay": WEIGHT_DECAY,
-            "label_smoothing": LABEL_SMOOTHING, "batch_size": BATCH, "patience": PATIENCE,
+            "label_smoothing": LABEL_SMOOTHING, "mixup_alpha": MIXUP_ALPHA, "dropout": DROPOUT,
+            "batch_size": BATCH, "patience": PATIENCE,
             "activations": t_act, "views_per_image": views}
     return FineTuneResult({n: t.cpu() for n, t in best["tail"].items()}, W, b, feats, start, history, info)
 
