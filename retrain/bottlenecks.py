@@ -7,12 +7,13 @@ changes start a new one):
     <cache_dir>/<backbone>-<fingerprint>/shard-*.npz      keys (n,16) uint8, feats (n,C) float32
                                                           (float16 for fine-tuning activations),
                                                           check = BLAKE2b of both
-Shards are written atomically, one per batch, so Ctrl-C or kill -9 loses at most the batch
-in flight. A shard that fails its checksum or cannot be read is deleted and its images are
-recomputed. Many small shards are compacted into one on the next run.
+Shards are written atomically, about one a second while features are computed and once more
+when extraction stops for any reason (Ctrl-C included), so kill -9 loses at most the last
+second of work. A shard that fails its checksum or cannot be read is deleted and its images
+are recomputed. Many small shards are compacted into one on the next run.
 
 Extraction is a pipeline: worker threads decode and resize JPEGs (Pillow releases the GIL)
-while ONNX Runtime runs the previous batch.
+while the inference engine runs earlier batches (OpenVINO: several at once).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 import time
 import uuid
 from collections import deque
@@ -36,6 +38,7 @@ from retrain.progress import bar
 
 CACHE_SCHEMA = 1
 COMPACT_OVER = 16  # shards
+SHARD_SECONDS = 1.0  # write computed features at least this often (what kill -9 can lose)
 
 
 def default_cache_dir() -> Path:
@@ -87,6 +90,8 @@ class BottleneckCache:
             self._atomic_write_text(meta_path, json.dumps(self.meta, indent=1, sort_keys=True))
         self._arrays: list[np.ndarray] = []
         self._index: dict[bytes, tuple[int, int]] = {}
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []  # added, not yet on disk
+        self._written_at = time.monotonic()
         self.damaged = 0
         self._load()
 
@@ -145,13 +150,25 @@ class BottleneckCache:
         return out
 
     def add(self, keys: list[bytes], feats: np.ndarray) -> None:
-        """Store a batch: one new shard file, written atomically."""
+        """Store a batch: in memory now, on disk with the next shard (at most SHARD_SECONDS
+        later, or at flush()). Fewer, larger files than one per batch, and less main-thread time."""
         if not keys:
             return
         k = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 16)
-        f = np.ascontiguousarray(feats, dtype=self.dtype)
-        self._write_shard(k, f)
+        f = np.array(feats, dtype=self.dtype)  # a copy: the caller may reuse its buffer
         self._add_array(k, f)
+        self._pending.append((k, f))
+        if time.monotonic() - self._written_at >= SHARD_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what add() has collected as one shard (atomically)."""
+        if self._pending:
+            k = np.concatenate([p[0] for p in self._pending])
+            f = np.concatenate([p[1] for p in self._pending])
+            self._write_shard(k, f)
+            self._pending = []
+        self._written_at = time.monotonic()
 
     def _write_shard(self, keys: np.ndarray, feats: np.ndarray) -> Path:
         name = f"shard-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.npz"
@@ -167,6 +184,7 @@ class BottleneckCache:
 
     def compact(self) -> None:
         """Merge all shards into one (written before the old ones are removed)."""
+        self.flush()
         old = sorted(self.folder.glob("shard-*.npz"))
         if len(old) <= 1:
             return
@@ -191,6 +209,7 @@ def missing(keys: list[bytes], cache) -> list[int]:
 
 
 _SESSIONS: dict = {}
+_SESSIONS_LOCK = threading.Lock()
 
 
 def choose_precision(asked: str, *, provider: str = "auto", fine_tune: bool = False) -> str:
@@ -223,45 +242,73 @@ def choose_precision(asked: str, *, provider: str = "auto", fine_tune: bool = Fa
     return asked
 
 
-def feature_session(backbone: Backbone, *, provider: str = "auto", precision: str = "fp32", log=print):
+def feature_session(backbone: Backbone, *, provider: str = "auto", precision: str = "fp32", batch: int = 8,
+                    log=print):
     """The (process-wide) session of a backbone's feature extractor: ONNX Runtime for fp32 and
-    int8, OpenVINO for bf16 (it takes uint8 pixels; see retrain.runtime.OpenVINOSession)."""
+    int8, OpenVINO for bf16 (it takes uint8 pixels and is compiled for batches of `batch`;
+    see retrain.runtime.OpenVINOSession)."""
     from retrain.backbones import features_onnx
     from retrain.runtime import make_session, openvino_session
 
-    key = (backbone.name, provider, precision)
-    if key not in _SESSIONS:
-        path = features_onnx(backbone, precision=precision, log=log)
-        if precision == "bf16":
-            _SESSIONS[key] = openvino_session(path, precision="bf16", size=backbone.image_size,
-                                              mean=backbone.mean, std=backbone.std)
-        else:
-            _SESSIONS[key] = make_session(path, provider=provider)
-    return _SESSIONS[key]
+    key = (backbone.name, provider, precision, batch if precision == "bf16" else None)
+    with _SESSIONS_LOCK:  # one build per key, also when prepare_session's thread is at it
+        if key not in _SESSIONS:
+            path = features_onnx(backbone, precision=precision, log=log)
+            if precision == "bf16":
+                _SESSIONS[key] = openvino_session(path, precision="bf16", size=backbone.image_size,
+                                                  mean=backbone.mean, std=backbone.std, batch=batch)
+            else:
+                _SESSIONS[key] = make_session(path, provider=provider)
+        return _SESSIONS[key]
+
+
+def prepare_session(backbone: Backbone, *, provider: str = "auto", precision: str = "fp32",
+                    batch: int = 8, log=print) -> None:
+    """Build the feature session in a background thread (OpenVINO compiles for ~0.4 s) while the
+    caller does other work, such as hashing the photos. Errors are left for feature_session to
+    raise when the session is really needed."""
+    def run():
+        try:
+            feature_session(backbone, provider=provider, precision=precision, batch=batch, log=log)
+        except Exception:
+            pass
+
+    # Not a daemon: on Ctrl-C the interpreter waits for the build to end; killing a thread inside
+    # OpenVINO's compiler at exit aborts the process.
+    threading.Thread(target=run, name="retrain-session").start()
 
 
 def run_pipeline(sources: list, loader, session, *, batch_size: int = 8, workers: int | None = None,
                  mean=127.0, std=128.0, on_batch=None, desc="Bottlenecks", quiet=False):
-    """Decode `sources` with `loader` in threads, run `session` on batches, in order.
+    """Decode `sources` with `loader` in threads, run `session` on batches.
 
-    Calls on_batch(indices, outputs) for each batch and returns {index: reason} for images
-    that could not be read. Memory stays flat: at most a few batches are decoded ahead.
-    Yields timing in the returned dict's "_timing" entry: decode wait and compute seconds.
+    Calls on_batch(indices, outputs) for each batch (in order, except with a session that has
+    `submit`: then as batches finish) and returns ({index: reason} for images that could not be
+    read, timing). Memory stays flat: at most a few batches are decoded ahead. Timing: seconds
+    the main thread waited for decoding, and for the engine (to run a batch or to take one).
     """
     workers = workers or min(4, os.cpu_count() or 1)
     failures: dict[int, str] = {}
     input_name = session.get_inputs()[0].name
     t_wait = t_compute = 0.0
+    raw = getattr(session, "takes_uint8", False)  # OpenVINO: normalised inside the model
+    overlap = hasattr(session, "submit")  # several batches in flight (OpenVINO's request queue)
+    if overlap:
+        batch_size = session.batch  # the batch it was compiled for
+
+    def prepare(src):  # in a worker: decode, resize and normalise (all in parallel)
+        return loader(src) if raw else images.normalize(loader(src)[None], mean, std)[0]
+
     with ThreadPoolExecutor(workers) as pool, bar(total=len(sources), desc=desc, unit="img",
                                                   quiet=quiet) as pbar:
+        def done(idx, out):
+            if on_batch:
+                on_batch(idx, out)
+            pbar.update(len(idx))
+
         pending: deque = deque()
         it = iter(enumerate(sources))
-        window = batch_size * 3
-
-        raw = getattr(session, "takes_uint8", False)  # OpenVINO: normalised inside the model
-
-        def prepare(src):  # in a worker: decode, resize and normalise (all in parallel)
-            return loader(src) if raw else images.normalize(loader(src)[None], mean, std)[0]
+        window = batch_size * (session.jobs + 2 if overlap else 3)  # decoded ahead: every request kept busy
 
         def fill():
             while len(pending) < window:
@@ -271,32 +318,40 @@ def run_pipeline(sources: list, loader, session, *, batch_size: int = 8, workers
                     return
                 pending.append((i, pool.submit(prepare, s)))
 
-        fill()
-        idx, arrs = [], []
-        while pending or arrs:
-            while pending and len(arrs) < batch_size:
-                i, fut = pending.popleft()
+        try:
+            fill()
+            idx, arrs = [], []
+            while pending or arrs:
+                while pending and len(arrs) < batch_size:
+                    i, fut = pending.popleft()
+                    t0 = time.perf_counter()
+                    try:
+                        arr = fut.result()
+                        idx.append(i)
+                        arrs.append(arr)
+                    except ImageError as e:
+                        failures[i] = str(e).split(": ", 1)[-1]
+                        pbar.update(1)
+                    t_wait += time.perf_counter() - t0
+                    fill()
+                if arrs:
+                    t0 = time.perf_counter()
+                    x = np.stack(arrs)  # (B, 3, H, W) float32, or (B, H, W, 3) uint8
+                    if overlap:
+                        session.submit(x, idx)  # waits only while every request is busy
+                        for tag, out in session.finished():
+                            done(tag, out)
+                    else:
+                        done(idx, session.run(None, {input_name: x})[0])
+                    t_compute += time.perf_counter() - t0
+                    idx, arrs = [], []
+        finally:
+            if overlap:  # the batches still in flight: wait, and keep them even on Ctrl-C
                 t0 = time.perf_counter()
-                try:
-                    arr = fut.result()
-                    idx.append(i)
-                    arrs.append(arr)
-                except ImageError as e:
-                    failures[i] = str(e).split(": ", 1)[-1]
-                    pbar.update(1)
-                t_wait += time.perf_counter() - t0
-                fill()
-            if arrs:
-                t0 = time.perf_counter()
-                x = np.stack(arrs)  # (B, 3, H, W) float32, or (B, H, W, 3) uint8
-                out = session.run(None, {input_name: x})[0]
+                for tag, out in session.finished(wait=True):
+                    done(tag, out)
                 t_compute += time.perf_counter() - t0
-                if on_batch:
-                    on_batch(idx, out)
-                pbar.update(len(arrs))
-                idx, arrs = [], []
-    failures_timing = {"decode_wait_s": round(t_wait, 3), "compute_s": round(t_compute, 3)}
-    return failures, failures_timing
+    return failures, {"decode_wait_s": round(t_wait, 3), "compute_s": round(t_compute, 3)}
 
 
 def extract(items, backbone: Backbone, cache: BottleneckCache, *, provider: str = "auto",
@@ -310,7 +365,8 @@ def extract(items, backbone: Backbone, cache: BottleneckCache, *, provider: str 
     timing = {"cached": len(items) - len(todo), "computed": len(todo)}
     failures: dict[str, str] = {}
     if todo:
-        session = feature_session(backbone, provider=provider, precision=cache.precision, log=log)
+        session = feature_session(backbone, provider=provider, precision=cache.precision, batch=batch_size,
+                                  log=log)
         size, crop = backbone.image_size, backbone.crop_fraction
 
         def loader(path):
@@ -320,9 +376,12 @@ def extract(items, backbone: Backbone, cache: BottleneckCache, *, provider: str 
             cache.add([keys[todo[j]] for j in batch_idx], out)
 
         t0 = time.perf_counter()
-        fails, t = run_pipeline([items[i].path for i in todo], loader, session, batch_size=batch_size,
-                                workers=workers, mean=backbone.mean, std=backbone.std,
-                                on_batch=on_batch, quiet=quiet)
+        try:
+            fails, t = run_pipeline([items[i].path for i in todo], loader, session, batch_size=batch_size,
+                                    workers=workers, mean=backbone.mean, std=backbone.std,
+                                    on_batch=on_batch, quiet=quiet)
+        finally:
+            cache.flush()  # what was computed is kept, whatever stopped the run
         timing.update(t, seconds=round(time.perf_counter() - t0, 3))
         bad = {keys[todo[j]]: r for j, r in fails.items()}
         failures = {it.path: bad[k] for it, k in zip(items, keys) if k in bad}
@@ -351,7 +410,8 @@ def extract_views(items, views: int, distortions, backbone: Backbone, cache: Bot
     todo = missing(keys, cache)
     timing = {"cached": len(pairs) - len(todo), "computed": len(todo)}
     if todo:
-        session = feature_session(backbone, provider=provider, precision=cache.precision, log=log)
+        session = feature_session(backbone, provider=provider, precision=cache.precision, batch=batch_size,
+                                  log=log)
         size, crop = backbone.image_size, backbone.crop_fraction
 
         def loader(j):
@@ -362,9 +422,12 @@ def extract_views(items, views: int, distortions, backbone: Backbone, cache: Bot
             cache.add([keys[todo[b]] for b in batch_idx], out)
 
         t0 = time.perf_counter()
-        _fails, t = run_pipeline(todo, loader, session, batch_size=batch_size, workers=workers,
-                                 mean=backbone.mean, std=backbone.std, on_batch=on_batch,
-                                 desc="Distorted views", quiet=quiet)
+        try:
+            _fails, t = run_pipeline(todo, loader, session, batch_size=batch_size, workers=workers,
+                                     mean=backbone.mean, std=backbone.std, on_batch=on_batch,
+                                     desc="Distorted views", quiet=quiet)
+        finally:
+            cache.flush()
         timing.update(t, seconds=round(time.perf_counter() - t0, 3))
         if len(list(cache.folder.glob("shard-*.npz"))) > COMPACT_OVER:
             cache.compact()

@@ -147,20 +147,68 @@ def parse(argv: list[str]):
     return module, args
 
 
+def _interrupted() -> int:
+    print("\ninterrupted: finished work is kept (cached bottlenecks, checkpoints); "
+          "run the same command again to resume", file=sys.stderr)
+    return 130
+
+
+class _CtrlCOutsideImports:
+    """While a command runs, Ctrl-C raises KeyboardInterrupt as usual, except inside an import:
+    there it is raised 20 ms later. An interrupt in the middle of importlib can leave Python's
+    import lock held, and retrain's background threads (which import and compile while the
+    photos are hashed and decoded) would then wait for it forever instead of letting the
+    process end."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.old = None
+        if threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self.old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+
+    @staticmethod
+    def _handler(signum, frame):
+        import os
+        import threading
+
+        f = frame
+        while f is not None:
+            if f.f_code.co_filename.startswith("<frozen importlib"):
+                threading.Timer(0.02, os.kill, (os.getpid(), signum)).start()
+                return
+            f = f.f_back
+        raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         module, args = parse(argv)
-        return int(module.main(args) or 0)
+        with _CtrlCOutsideImports():
+            return int(module.main(args) or 0)
     except RetrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("\ninterrupted: finished work is kept (cached bottlenecks, checkpoints); "
-              "run the same command again to resume", file=sys.stderr)
-        return 130
     except BrokenPipeError:
         return 0
+    except Exception as e:
+        # Ctrl-C inside a C extension's import surfaces as that import's error (ONNX Runtime:
+        # "ImportError: initialization failed"), caused by the KeyboardInterrupt.
+        if not isinstance(e.__cause__ or e.__context__, KeyboardInterrupt):
+            raise
+        return _interrupted()
+    except KeyboardInterrupt:
+        return _interrupted()
 
 
 if __name__ == "__main__":

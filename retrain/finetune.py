@@ -212,8 +212,11 @@ def prefix_activations(items, bb, start: int, cache_dir, *, views: int = 0, dist
             cache.add([keys[todo[b]] for b in idx], out.reshape(len(idx), dim))
 
         t0 = time.perf_counter()
-        _f, t = run_pipeline(todo, loader, session, batch_size=batch_size, workers=workers, mean=bb.mean,
-                             std=bb.std, on_batch=on_batch, desc="Frozen-part activations", quiet=quiet)
+        try:
+            _f, t = run_pipeline(todo, loader, session, batch_size=batch_size, workers=workers, mean=bb.mean,
+                                 std=bb.std, on_batch=on_batch, desc="Frozen-part activations", quiet=quiet)
+        finally:
+            cache.flush()
         timing.update(t, seconds=round(time.perf_counter() - t0, 3))
         cache.compact()
     feats = np.full((len(jobs), dim), np.nan, np.float16)

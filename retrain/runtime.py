@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import deque
 from pathlib import Path
 
 from retrain.errors import ConfigError, MissingDependency, did_you_mean
@@ -227,7 +228,8 @@ class OpenVINOSession:
 
     takes_uint8 = True
 
-    def __init__(self, path, *, precision: str, size: int, mean, std, threads: int | None = None):
+    def __init__(self, path, *, precision: str, size: int, mean, std, batch: int = 8,
+                 threads: int | None = None):
         import openvino as ov
         from openvino.preprocess import PrePostProcessor
 
@@ -236,7 +238,10 @@ class OpenVINOSession:
         core = ov.Core()
         core.set_property({"CACHE_DIR": str(cache_root() / "openvino")})  # compiled blobs: the second start is quick
         model = core.read_model(str(path))
-        model.reshape([-1, 3, size, size])
+        # A static batch: OpenVINO's CPU kernels run ~15% faster than with a dynamic one.
+        # A short batch is padded to it (see _chunks).
+        model.reshape([batch, 3, size, size])
+        self.batch = batch
         ppp = PrePostProcessor(model)
         ppp.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
         ppp.input().model().set_layout(ov.Layout("NCHW"))
@@ -244,12 +249,18 @@ class OpenVINOSession:
         std = [float(v) for v in (std if isinstance(std, (list, tuple)) else [std] * 3)]
         ppp.input().preprocess().convert_element_type(ov.Type.f32).mean(mean).scale(std)
         model = ppp.build()
+        # Throughput streams (one thread each, not pinned): the decoding threads share the cores,
+        # and an independent stream that loses its core for a moment stalls only itself, where
+        # the threads of one request wait for each other at every layer (measured: ~5% faster).
         config = {"INFERENCE_PRECISION_HINT": {"bf16": "bf16", "fp32": "f32"}[precision],
-                  "PERFORMANCE_HINT": "LATENCY",  # one request at a time, all cores on it
+                  "PERFORMANCE_HINT": "THROUGHPUT", "ENABLE_CPU_PINNING": False,
                   "INFERENCE_NUM_THREADS": threads or (os.cpu_count() or 1)}
         self.compiled = core.compile_model(model, "CPU", config)
         self.request = self.compiled.create_infer_request()
+        self.jobs = max(2, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         self.precision = precision
+        self._queue = None
+        self._finished: deque = deque()
 
     def get_inputs(self):
         return [_Input()]
@@ -257,18 +268,63 @@ class OpenVINOSession:
     def get_providers(self):
         return ["OpenVINO CPU"]
 
+    def _chunks(self, x):
+        """x in pieces of exactly `batch` images (the last padded): (piece, real count)."""
+        import numpy as np
+
+        for s in range(0, len(x), self.batch):
+            piece = x[s:s + self.batch]
+            n = len(piece)
+            if n < self.batch:
+                piece = np.concatenate([piece, np.zeros((self.batch - n, *piece.shape[1:]), piece.dtype)])
+            yield piece, n
+
     def run(self, _output_names, feeds: dict):
+        import numpy as np
+
         x = next(iter(feeds.values()))
-        return [self.request.infer({0: x})[0].copy()]
+        outs = [self.request.infer({0: piece})[0][:n].copy() for piece, n in self._chunks(x)]
+        if not outs:
+            return [np.zeros((0, *self.compiled.output(0).shape[1:]), np.float32)]
+        return [np.concatenate(outs)]
+
+    # The asynchronous interface the pipeline prefers: several batches in flight at once.
+    def submit(self, x, tag) -> None:
+        """Start a batch of at most `batch` images (x is copied); waits only while every request
+        is busy. finished() gives back (tag, output)."""
+        if self._queue is None:
+            import openvino as ov
+
+            self._queue = ov.AsyncInferQueue(self.compiled, self.jobs)
+            self._queue.set_callback(self._done)
+        if len(x) > self.batch:
+            raise ValueError(f"submit takes at most {self.batch} images, got {len(x)}")
+        piece, n = next(self._chunks(x))
+        self._queue.start_async({0: piece}, (tag, n))
+
+    def _done(self, request, tag_n) -> None:  # on an OpenVINO thread
+        tag, n = tag_n
+        self._finished.append((tag, request.get_output_tensor(0).data[:n].copy()))
+
+    def finished(self, wait: bool = False) -> list:
+        """(tag, output) of the batches done so far; all of them when wait is true."""
+        if wait and self._queue is not None:
+            self._queue.wait_all()
+        out = []
+        while self._finished:
+            out.append(self._finished.popleft())
+        return out
 
 
-def openvino_session(path, *, precision: str, size: int, mean, std, threads: int | None = None):
-    """An OpenVINO CPU session of an fp32 ONNX model, run in `precision` (bf16 or fp32)."""
+def openvino_session(path, *, precision: str, size: int, mean, std, batch: int = 8, threads: int | None = None):
+    """An OpenVINO CPU session of an fp32 ONNX model, run in `precision` (bf16 or fp32), on
+    batches of `batch` images."""
     if not openvino_available():
         raise MissingDependency("bf16 bottlenecks run on OpenVINO, which is not installed: "
                                 "pip install openvino, or use --bottleneck-precision fp32")
     try:
-        return OpenVINOSession(path, precision=precision, size=size, mean=mean, std=std, threads=threads)
+        return OpenVINOSession(path, precision=precision, size=size, mean=mean, std=std, batch=batch,
+                              threads=threads)
     except Exception as e:  # OpenVINO raises its own RuntimeError subclasses
         from retrain.errors import ModelError
 

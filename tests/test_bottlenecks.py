@@ -43,7 +43,8 @@ def test_unreadable_images_are_reported_not_fatal(tiny_dataset, tmp_path):
 
 def test_damaged_shard_is_detected_and_recomputed(tiny_dataset, tmp_path):
     s = scan(tiny_dataset, quiet=True)
-    ref, _, _ = extract(s.items, BB, BottleneckCache(tmp_path / "c", BB), batch_size=4, quiet=True)
+    extract(s.items[:9], BB, BottleneckCache(tmp_path / "c", BB), batch_size=4, quiet=True)  # two runs,
+    ref, _, _ = extract(s.items, BB, BottleneckCache(tmp_path / "c", BB), batch_size=4, quiet=True)  # two shards
     cache_dir = tmp_path / "c"
     shards = sorted(cache_dir.glob("*/shard-*.npz"))
     assert len(shards) >= 2
@@ -68,15 +69,49 @@ def test_changed_meta_starts_afresh(tiny_dataset, tmp_path):
     assert t["computed"] == len(s.items)
 
 
+SHARDS_OFTEN = ("import sys, retrain.bottlenecks as b; b.SHARD_SECONDS = 0.05; "
+                "from retrain.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+# The real CLI, pressing Ctrl-C (a real SIGINT) once 16 bottlenecks are computed, with periodic
+# shard writes turned off: whatever reaches the disk was written on the way out.
+CTRL_C_AFTER_16 = """
+import os, signal, sys, retrain.bottlenecks as b
+b.SHARD_SECONDS = 3600
+add = b.BottleneckCache.add
+def add_then_ctrl_c(self, keys, feats):
+    add(self, keys, feats)
+    if len(self) >= 16:
+        os.kill(os.getpid(), signal.SIGINT)
+b.BottleneckCache.add = add_then_ctrl_c
+from retrain.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_during_bottlenecks_keeps_what_was_computed(tmp_path):
+    data = make_dataset(tmp_path / "many", per_class=80)  # 240 images
+    cache = tmp_path / "cache"
+    r = subprocess.run([sys.executable, "-c", CTRL_C_AFTER_16, "fit", str(data), "-o", str(tmp_path / "run"),
+                        "--cache-dir", str(cache), "--batch-size", "8"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 130 and "finished work is kept" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()
+    done = len(BottleneckCache(cache, BB, precision=choose_precision("auto")))
+    assert 16 <= done < 240, done
+    r = run_cli("fit", data, "-o", tmp_path / "run", "--cache-dir", cache)
+    assert f"{240 - done} computed" in r.stderr and f"{done} from cache" in r.stderr
+
+
 def test_kill_9_during_bottlenecks_then_resume(tmp_path):
     data = make_dataset(tmp_path / "many", per_class=80)  # 240 images
     cache = tmp_path / "cache"
-    cmd = [sys.executable, "-m", "retrain", "fit", str(data), "-o", str(tmp_path / "run"),
+    # The real CLI, with shards written every 50 ms instead of every second (the photos are tiny).
+    cmd = [sys.executable, "-c", SHARDS_OFTEN, "fit", str(data), "-o", str(tmp_path / "run"),
            "--cache-dir", str(cache), "--batch-size", "8", "--workers", "1"]
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(cache.glob("*/shard-*.npz"))) < 3:
-        time.sleep(0.05)
+    while time.time() < deadline and len(list(cache.glob("*/shard-*.npz"))) < 2:
+        time.sleep(0.01)
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
     done = len(BottleneckCache(cache, BB, precision=choose_precision("auto")))  # the default's cache
@@ -140,3 +175,20 @@ def test_openvino_that_cannot_compile_is_one_clear_error(tmp_path):
     bad.write_bytes(b"not a model")
     with pytest.raises(ModelError, match="OpenVINO could not compile .*--bottleneck-precision fp32"):
         openvino_session(bad, precision="bf16", size=224, mean=127.0, std=128.0)
+
+
+@pytest.mark.skipif(not BF16, reason="needs a CPU with AMX / AVX-512 BF16 and OpenVINO installed")
+def test_openvino_static_batch_pads_short_batches_and_keeps_order():
+    from retrain import images
+
+    s = scan(EXAMPLES, quiet=True)
+    x = np.stack([images.load(it.path, 224, BB.crop_fraction) for it in s.items[:6]])
+    sess = feature_session(BB, precision="bf16", batch=4)
+    assert sess.batch == 4
+    whole = sess.run(None, {"input": x})[0]  # 4 + 2 padded
+    one_by_one = np.concatenate([sess.run(None, {"input": x[i:i + 1]})[0] for i in range(6)])
+    assert whole.shape == (6, 1280) and np.allclose(whole, one_by_one, atol=1e-3)
+    sess.submit(x[:3], "a")
+    sess.submit(x[3:], "b")
+    got = dict(sess.finished(wait=True))
+    assert np.allclose(np.concatenate([got["a"], got["b"]]), whole, atol=1e-3)

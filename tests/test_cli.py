@@ -184,3 +184,26 @@ def test_bf16_bottlenecks_from_the_cli_give_an_fp32_model(e2e, tmp_path):
     assert "bf16" in (tmp_path / "r16" / "report.html").read_text()
     out = json.loads(run_cli("label", tmp_path / "r16", held / "stripes", "--json").stdout)
     assert sum(o["label"] == "stripes" for o in out) >= 2
+
+
+def test_ctrl_c_at_any_moment_ends_cleanly(tmp_path):
+    """Ctrl-C while the photos are hashed, the backbone compiles in the background, bottlenecks
+    run, or the head trains: exit code 130 and one message, never a traceback or a hang."""
+    import signal
+    import time
+
+    data = make_dataset(tmp_path / "data", per_class=40)
+    for k, delay in enumerate((0.05, 0.15, 0.3, 0.6, 1.0)):
+        cache = tmp_path / f"cache{k}"
+        p = subprocess.Popen([sys.executable, "-m", "retrain", "fit", str(data), "-o", str(tmp_path / f"run{k}"),
+                              "--cache-dir", str(cache)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
+        deadline = time.time() + 60
+        while not list(cache.glob("*/meta.json")) and time.time() < deadline:  # the command has started
+            time.sleep(0.002)
+        time.sleep(delay)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)  # a hang fails here
+        assert "Traceback" not in err and "Fatal" not in err, err
+        assert p.returncode == 130 and "interrupted: finished work is kept" in err \
+            or p.returncode == 0 and (tmp_path / f"run{k}" / "model.onnx").is_file(), (delay, p.returncode, err)

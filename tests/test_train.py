@@ -5,7 +5,8 @@ import pytest
 
 from retrain.config import FitConfig
 from retrain.errors import ConfigError
-from retrain.train import Head, train_lbfgs, train_sgd, validate_config
+from retrain import train
+from retrain.train import Head, _loss_grad, train_lbfgs, train_sgd, validate_config
 
 
 def _blobs(n=60, k=3, d=16, seed=0):
@@ -22,6 +23,24 @@ def test_lbfgs_learns_and_picks_l2_on_validation():
     assert (head.probs(X[200:]).argmax(1) == y[200:]).mean() > 0.95
     assert l2 in [g["l2"] for g in grid] and len(grid) > 1
     assert hist[-1]["validation_accuracy"] > 0.95
+
+
+def test_blocked_loss_gradient_matches_finite_differences(monkeypatch):
+    monkeypatch.setattr(train, "LOSS_BLOCK_BYTES", 16 * 4 * 7)  # blocks of 7 rows: a ragged last block
+    rng = np.random.default_rng(1)
+    Z = rng.normal(size=(50, 16)).astype(np.float32)
+    y = rng.integers(0, 3, 50)
+    Y1, sw = np.eye(3)[y], np.full(50, 1 / 50)
+    w = rng.normal(0, 0.1, 16 * 3 + 3)
+    f, g = _loss_grad(w, Z, Y1, 0.1, sw)
+    eps = 1e-4
+    for j in rng.choice(len(w), 12, replace=False):
+        d = np.zeros_like(w)
+        d[j] = eps
+        numeric = (_loss_grad(w + d, Z, Y1, 0.1, sw)[0] - _loss_grad(w - d, Z, Y1, 0.1, sw)[0]) / (2 * eps)
+        assert abs(numeric - g[j]) < 1e-4 * max(1, abs(numeric))
+    whole = train.LOSS_BLOCK_BYTES = 1 << 30  # one block: the same loss
+    assert whole and np.isclose(_loss_grad(w, Z, Y1, 0.1, sw)[0], f)
 
 
 def test_lbfgs_is_deterministic():
