@@ -277,9 +277,15 @@ def main():
                 ips = c["images"] / wall
                 lines.append(f"| cold {name} | {wall:.1f} s | {ips:.0f} | "
                              f"{f'{ips / k_ips:.2f}x' if k_ips else '-'} | {f'{ips / k_whole:.2f}x' if k_whole else '-'} |")
+            cold_ips = c["images"] / c["cold_s"]
             lines += ["", "| target | figure | target |", "|---|---:|---:|",
-                      f"| cold `retrain fit` ({c['images']} photos, empty cache) | {c['cold_s']:.1f} s | <= 20 s |",
-                      f"| warm `retrain fit` (cached, other L2) | {c['warm_s']:.2f} s | <= 3 s |",
+                      f"| cold `retrain fit` ({c['images']} photos, empty cache) | {c['cold_s']:.1f} s | <= 20 s |"]
+            if k_whole:
+                lines += [f"| cold `retrain fit` against the Keras pipeline, whole command against whole script "
+                          f"(medians) | {cold_ips / k_whole:.2f}x | >= 3x |",
+                          f"| cold `retrain fit` (whole command) against Keras steady-state extraction in process "
+                          f"(median: no start-up and no training on its side) | {cold_ips / k_ips:.2f}x | >= 3x |"]
+            lines += [f"| warm `retrain fit` (cached, other L2) | {c['warm_s']:.2f} s | <= 3 s |",
                       f"| `retrain label RUN one.jpg` from process start | {c['label_one_s']:.2f} s | <= 0.5 s |",
                       f"| `retrain label RUN folder/` (400 photos) | {c['label_folder_ips']:.0f} images/s | >= 100 |",
                       f"| peak memory of cold fit | {c['cold_rss_mb']} MiB | <= 1536 MiB |", ""]

@@ -341,6 +341,33 @@ def _prewarm(*modules: str) -> None:
     threading.Thread(target=run, name="retrain-prewarm").start()  # not a daemon: see prepare_session
 
 
+def _in_background(fn, *args):
+    """fn(*args) in a thread of its own; returns its Future."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="retrain-background")
+    try:
+        return pool.submit(fn, *args)
+    finally:
+        pool.shutdown(wait=False)
+
+
+def _export_check_inputs(bb, paths: list[str], precision: str, log):
+    """Photos (uint8) on which the written model is checked against the trained head, and the
+    features the head should see for them: None means the bottlenecks themselves; for bf16
+    bottlenecks, fp32 ones, since the model runs its backbone in fp32 (ONNX Runtime)."""
+    from retrain.images import load
+
+    imgs = np.stack([load(p, bb.image_size, bb.crop_fraction) for p in paths])
+    if precision != "bf16":
+        return imgs, None
+    from retrain.bottlenecks import feature_session
+    from retrain.images import normalize
+
+    sess = feature_session(bb, provider="cpu", precision="fp32", log=log)
+    return imgs, sess.run(None, {"input": normalize(imgs, bb.mean, bb.std)})[0]
+
+
 def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=1, default=str) + "\n")
 
@@ -353,7 +380,6 @@ def fit(cfg: FitConfig, *, log=None) -> dict:
                                      prepare_session)
     from retrain.evaluate import compute_metrics
     from retrain.export import write_model
-    from retrain.images import load
     from retrain.progress import Log
     from retrain.scan import scan
     from retrain.split import split_items
@@ -420,6 +446,10 @@ def fit(cfg: FitConfig, *, log=None) -> dict:
     tr, va, te = parts["train"], parts["validation"], parts["test"]
     k = len(labels)
     log(f"Split: {len(tr)} train, {len(va)} validation, {len(te)} test")
+    # The export check's inputs are read (and their fp32 features computed) on the other core
+    # while the head trains.
+    check_idx = (va if len(va) else tr)[:8]
+    check_inputs = _in_background(_export_check_inputs, bb, [items[i].path for i in check_idx], precision, log)
 
     # Distorted views of the training images only (validation and test are never distorted).
     Xtr, ytr = X[tr], y[tr]
@@ -501,17 +531,8 @@ def fit(cfg: FitConfig, *, log=None) -> dict:
     tmp.mkdir()
     try:
         W, b = head.folded()
-        check_idx = (va if len(va) else tr)[:8]
-        check_imgs = np.stack([load(paths[i], bb.image_size, bb.crop_fraction) for i in check_idx])
-        Xcheck = X[check_idx]
-        if precision == "bf16":
-            # The model runs its backbone in fp32 (ONNX Runtime): check it against fp32 features.
-            from retrain.bottlenecks import feature_session
-            from retrain.images import normalize
-
-            Xcheck = feature_session(bb, provider="cpu", precision="fp32", log=log).run(
-                None, {"input": normalize(check_imgs, bb.mean, bb.std)})[0]
-        expected = head.probs(Xcheck, temperature)
+        check_imgs, check_feats = check_inputs.result()
+        expected = head.probs(X[check_idx] if check_feats is None else check_feats, temperature)
         extra_meta = {"optimizer": train_info["optimizer"], "temperature": temperature,
                       "tta": bool(cfg.tta), "fine_tuned": bool(ft)}
         if calibration.get("unknown_threshold") is not None:
