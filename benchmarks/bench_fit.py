@@ -253,7 +253,8 @@ def main():
         if not args.no_append:
             engine = {"bf16": "OpenVINO, bf16", "fp32": "ONNX Runtime, fp32", "int8": "ONNX Runtime, int8"}
             lines = [f"Machine: {machine()}", "", f"Command: `python benchmarks/bench_fit.py"
-                     f"{' --scaling' if args.scaling else ''}` on {args.data.name}", "",
+                     f"{f' --rounds {args.rounds}' if args.rounds != 3 else ''}{' --scaling' if args.scaling else ''}` "
+                     f"on {args.data.name}", "",
                      f"| bottleneck extraction ({len(files)} photos, cold, in one process) | images/s | "
                      f"retrain default is |", "|---|---:|---:|"]
             lines += [f"| retrain, {engine[p]}{' (default here; median of all its measurements)' if p == default else ''}"
