@@ -74,6 +74,9 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=1,
                     help="run each configuration this many times (fine-tuning is not bit-for-bit repeatable: "
                          "report the spread)")
+    ap.add_argument("--seeds", default="0",
+                    help="comma list of --seed values, each configuration run once per seed: how much the "
+                         "result moves with the random choices (shuffling, distortions, mixup)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "accuracy-run.md")
     a = ap.parse_args()
     if not a.data.is_dir():
@@ -81,9 +84,10 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-accuracy-") as tmp:
         tmp = Path(tmp)
-        for name, rep_i in [(n, i) for n in a.only.split(",") for i in range(a.repeat)]:
-            extra = CONFIGS[name]
-            run_dir, cache = tmp / name / f"run{rep_i}", tmp / name / f"cache{rep_i}"
+        seeds = [int(x) for x in a.seeds.split(",")]
+        for name, seed, rep_i in [(n, sd, i) for n in a.only.split(",") for sd in seeds for i in range(a.repeat)]:
+            extra = CONFIGS[name] + (["--seed", str(seed)] if seed else [])
+            run_dir, cache = tmp / name / f"run{seed}-{rep_i}", tmp / name / f"cache{seed}-{rep_i}"
             cmd = [sys.executable, "-m", "retrain", "fit", str(a.data), "-o", str(run_dir), "--cache-dir",
                    str(cache), "-q", *extra]
             print(f"{name}: {' '.join(['retrain', *cmd[3:]])}", flush=True)
@@ -91,7 +95,9 @@ def main() -> int:
             rep = json.loads((run_dir / "report.json").read_text())
             te, va = rep["metrics"]["test"], rep["metrics"]["validation"]
             cal = rep["calibration"]
-            row = {"config": name + (f" (run {rep_i + 1})" if a.repeat > 1 else ""), "flags": " ".join(extra),
+            tag = ", ".join(t for t in ((f"seed {seed}" if len(seeds) > 1 else ""),
+                                        (f"run {rep_i + 1}" if a.repeat > 1 else "")) if t)
+            row = {"config": name + (f" ({tag})" if tag else ""), "flags": " ".join(extra),
                    "wall_s": round(wall, 1),
                    "test_accuracy": te["accuracy"], "test_n": te["n"], "validation_accuracy": va["accuracy"],
                    "test_per_class_recall": te["per_class_recall"], "temperature": cal["temperature"],
@@ -114,11 +120,14 @@ def main() -> int:
                      f"{r['validation_accuracy']:.2%} | {r['wall_s']:.0f} s | "
                      f"{r['ece_validation'][0]:.3f} -> {r['ece_validation'][1]:.3f} | "
                      f"{r['ece_test'][0]:.3f} -> {r['ece_test'][1]:.3f} |")
-    if a.repeat > 1:
-        lines += ["", f"Spread over {a.repeat} runs of each configuration (test accuracy):", ""]
+    runs = a.repeat * len(seeds)
+    if runs > 1:
+        lines += ["", f"Spread over {runs} runs of each configuration (test accuracy; validation accuracy):", ""]
         for name in a.only.split(","):
-            accs = [r["test_accuracy"] for r in rows if r["config"].startswith(name + " (run")]
-            lines.append(f"- {name}: mean {np.mean(accs):.2%}, min {min(accs):.2%}, max {max(accs):.2%}")
+            mine = [r for r in rows if r["config"].startswith(name + " (")]
+            accs, vals = [r["test_accuracy"] for r in mine], [r["validation_accuracy"] for r in mine]
+            lines.append(f"- {name}: test mean {np.mean(accs):.2%}, min {min(accs):.2%}, max {max(accs):.2%}; "
+                         f"validation mean {np.mean(vals):.2%}, min {min(vals):.2%}, max {max(vals):.2%}")
     lines += ["", "Per-class test recall:", ""]
     for r in rows:
         lines.append(f"- {r['config']}: " + ", ".join(f"{c} {v:.1%}" for c, v in r["test_per_class_recall"].items()))
@@ -130,7 +139,8 @@ def main() -> int:
     for r in rows:
         lines.append(f"- {r['config']}: `retrain fit {a.data} -o RUN {r['flags']}`".rstrip())
     lines += ["", f"Reproduce: `python benchmarks/bench_accuracy.py --only {a.only}{' --tta' if a.tta else ''}"
-                  f"{f' --repeat {a.repeat}' if a.repeat > 1 else ''}`", ""]
+                  f"{f' --repeat {a.repeat}' if a.repeat > 1 else ''}{f' --seeds {a.seeds}' if len(seeds) > 1 else ''}`",
+              ""]
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text("\n".join(lines))
     a.out.with_suffix(".json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n")
