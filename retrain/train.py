@@ -326,10 +326,21 @@ def device_description(provider: str = "auto", precision: str = "fp32") -> str:
     return f"CPU: {cpu} ({os.cpu_count()} cores); onnxruntime {eps[0]}{bottlenecks}"
 
 
+def _in_background(fn, *args):
+    """fn(*args) in a thread of its own; returns its Future. The thread is joined at exit, not
+    killed: a thread killed inside a native library (OpenVINO, an import) can abort the process."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="retrain-background")
+    try:
+        return pool.submit(fn, *args)
+    finally:
+        pool.shutdown(wait=False)
+
+
 def _prewarm(*modules: str) -> None:
-    """Import `modules` in a background thread (they take ~0.5 s and are needed later)."""
+    """Import `modules` in the background (they take ~0.5 s and are needed later)."""
     import importlib
-    import threading
 
     def run():
         for m in modules:
@@ -338,18 +349,7 @@ def _prewarm(*modules: str) -> None:
             except ImportError:
                 pass
 
-    threading.Thread(target=run, name="retrain-prewarm").start()  # not a daemon: see prepare_session
-
-
-def _in_background(fn, *args):
-    """fn(*args) in a thread of its own; returns its Future."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    pool = ThreadPoolExecutor(1, thread_name_prefix="retrain-background")
-    try:
-        return pool.submit(fn, *args)
-    finally:
-        pool.shutdown(wait=False)
+    _in_background(run)
 
 
 def _export_check_inputs(bb, paths: list[str], precision: str, log):
