@@ -251,7 +251,7 @@ def feature_session(backbone: Backbone, *, provider: str = "auto", precision: st
     from retrain.runtime import make_session, openvino_session
 
     key = (backbone.name, provider, precision, batch if precision == "bf16" else None)
-    with _SESSIONS_LOCK:  # one build per key, also when prepare_session's thread is at it
+    with _SESSIONS_LOCK:  # one build per key, also while a background thread is at it (train.fit)
         if key not in _SESSIONS:
             path = features_onnx(backbone, precision=precision, log=log)
             if precision == "bf16":
@@ -260,22 +260,6 @@ def feature_session(backbone: Backbone, *, provider: str = "auto", precision: st
             else:
                 _SESSIONS[key] = make_session(path, provider=provider)
         return _SESSIONS[key]
-
-
-def prepare_session(backbone: Backbone, *, provider: str = "auto", precision: str = "fp32",
-                    batch: int = 8, log=print) -> None:
-    """Build the feature session in a background thread (OpenVINO compiles for ~0.4 s) while the
-    caller does other work, such as hashing the photos. Errors are left for feature_session to
-    raise when the session is really needed."""
-    def run():
-        try:
-            feature_session(backbone, provider=provider, precision=precision, batch=batch, log=log)
-        except Exception:
-            pass
-
-    # Not a daemon: on Ctrl-C the interpreter waits for the build to end; killing a thread inside
-    # OpenVINO's compiler at exit aborts the process.
-    threading.Thread(target=run, name="retrain-session").start()
 
 
 def run_pipeline(sources: list, loader, session, *, batch_size: int = 8, workers: int | None = None,

@@ -147,44 +147,44 @@ def parse(argv: list[str]):
     return module, args
 
 
-def _interrupted() -> int:
-    print("\ninterrupted: finished work is kept (cached bottlenecks, checkpoints); "
-          "run the same command again to resume", file=sys.stderr)
-    return 130
-
-
 class _CtrlCOutsideImports:
     """While a command runs, Ctrl-C raises KeyboardInterrupt as usual, except inside an import:
-    there it is raised 20 ms later. An interrupt in the middle of importlib can leave Python's
-    import lock held, and retrain's background threads (which import and compile while the
-    photos are hashed and decoded) would then wait for it forever instead of letting the
-    process end."""
+    there it is raised 20 ms later (or when the command ends, if that is sooner). An interrupt
+    in the middle of importlib can leave Python's import lock held, and retrain's background
+    threads (which import and compile while the photos are hashed and decoded) would then wait
+    for it forever instead of letting the process end."""
 
     def __enter__(self):
         import signal
         import threading
 
-        self.old = None
+        self.old, self.deferred = None, None
         if threading.current_thread() is threading.main_thread() \
                 and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             self.old = signal.signal(signal.SIGINT, self._handler)
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *_):
         import signal
 
-        if self.old is not None:
-            signal.signal(signal.SIGINT, self.old)
+        if self.old is None:
+            return
+        signal.signal(signal.SIGINT, self.old)
+        if self.deferred is not None:
+            self.deferred.cancel()
+            if exc_type is None:
+                raise KeyboardInterrupt  # pressed while the command ran: say so, as ever
 
-    @staticmethod
-    def _handler(signum, frame):
+    def _handler(self, signum, frame):
         import os
         import threading
 
+        self.deferred = None
         f = frame
         while f is not None:
             if f.f_code.co_filename.startswith("<frozen importlib"):
-                threading.Timer(0.02, os.kill, (os.getpid(), signum)).start()
+                self.deferred = threading.Timer(0.02, os.kill, (os.getpid(), signum))
+                self.deferred.start()
                 return
             f = f.f_back
         raise KeyboardInterrupt
@@ -199,16 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     except RetrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished work is kept (cached bottlenecks, checkpoints); "
+              "run the same command again to resume", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         return 0
-    except Exception as e:
-        # Ctrl-C inside a C extension's import surfaces as that import's error (ONNX Runtime:
-        # "ImportError: initialization failed"), caused by the KeyboardInterrupt.
-        if not isinstance(e.__cause__ or e.__context__, KeyboardInterrupt):
-            raise
-        return _interrupted()
-    except KeyboardInterrupt:
-        return _interrupted()
 
 
 if __name__ == "__main__":

@@ -376,8 +376,7 @@ def fit(cfg: FitConfig, *, log=None) -> dict:
     """Train a classifier as `cfg` says and write its run folder. Returns the report dict."""
     from retrain import __version__
     from retrain.backbones import get_backbone
-    from retrain.bottlenecks import (BottleneckCache, choose_precision, default_cache_dir, extract,
-                                     prepare_session)
+    from retrain.bottlenecks import BottleneckCache, choose_precision, default_cache_dir, extract, feature_session
     from retrain.evaluate import compute_metrics
     from retrain.export import write_model
     from retrain.progress import Log
@@ -401,7 +400,9 @@ def fit(cfg: FitConfig, *, log=None) -> dict:
 
     cache = BottleneckCache(cfg.cache_dir or default_cache_dir(), bb, precision=precision, log=log)
     if not len(cache):  # an empty cache: every photo will need the backbone, so build it while scanning
-        prepare_session(bb, provider=cfg.provider, precision=precision, batch=cfg.batch_size, log=log)
+        # (OpenVINO compiles for ~0.4 s). An error is raised again when extract() asks for it.
+        _in_background(lambda: feature_session(bb, provider=cfg.provider, precision=precision,
+                                               batch=cfg.batch_size, log=log))
     t0 = time.perf_counter()
     s = scan(cfg.image_dir, quiet=cfg.quiet)
     timings["scan_s"] = round(time.perf_counter() - t0, 3)

@@ -152,19 +152,25 @@ def test_help_lists_commands():
     assert "fit" in r.stdout and "label" in r.stdout and "evaluate" in r.stdout
 
 
-def test_int8_bottlenecks_from_the_cli(e2e, tmp_path):
-    root, data, held, run, _ = e2e
-    run_cli("fit", data, "-o", tmp_path / "r8", "--cache-dir", root / "cache", "--bottleneck-precision", "int8")
-    rep = json.loads((tmp_path / "r8" / "report.json").read_text())
-    assert rep["bottleneck_precision"] == "int8"
+def _fit_with_precision(e2e, out, precision):
+    """Fit with --bottleneck-precision, check the report names it and the model labels held-out
+    photos; returns the model's metadata."""
     import onnxruntime as ort
 
-    meta = ort.InferenceSession(str(tmp_path / "r8" / "model.onnx")).get_modelmeta().custom_metadata_map
+    root, data, held, _, _ = e2e
+    run_cli("fit", data, "-o", out, "--cache-dir", root / "cache", "--bottleneck-precision", precision)
+    assert json.loads((out / "report.json").read_text())["bottleneck_precision"] == precision
+    out_labels = json.loads(run_cli("label", out, held / "stripes", "--json").stdout)
+    assert sum(o["label"] == "stripes" for o in out_labels) >= 2
+    return ort.InferenceSession(str(out / "model.onnx")).get_modelmeta().custom_metadata_map
+
+
+def test_int8_bottlenecks_from_the_cli(e2e, tmp_path):
+    _, data, _, run, _ = e2e
+    meta = _fit_with_precision(e2e, tmp_path / "r8", "int8")
     assert meta["backbone_precision"] == "int8"
     assert (tmp_path / "r8" / "model.onnx").stat().st_size < (run / "model.onnx").stat().st_size / 2
     assert oct((run / "model.onnx").stat().st_mode & 0o777) == "0o644"
-    out = json.loads(run_cli("label", tmp_path / "r8", held / "stripes", "--json").stdout)
-    assert sum(o["label"] == "stripes" for o in out) >= 2
     _fails("fit", data, "--bottleneck-precision", "int4", match="Did you mean 'int8'")
     _fails("export", tmp_path / "r8", "--format", "onnx-int8", "--output", tmp_path / "x",
            match="already quantized")
@@ -173,17 +179,9 @@ def test_int8_bottlenecks_from_the_cli(e2e, tmp_path):
 @pytest.mark.skipif(not (cpu_has_bf16() and openvino_available()),
                     reason="needs a CPU with AMX / AVX-512 BF16 and OpenVINO installed")
 def test_bf16_bottlenecks_from_the_cli_give_an_fp32_model(e2e, tmp_path):
-    root, data, held, run, _ = e2e
-    run_cli("fit", data, "-o", tmp_path / "r16", "--cache-dir", root / "cache", "--bottleneck-precision", "bf16")
-    rep = json.loads((tmp_path / "r16" / "report.json").read_text())
-    assert rep["bottleneck_precision"] == "bf16"
-    import onnxruntime as ort
-
-    meta = ort.InferenceSession(str(tmp_path / "r16" / "model.onnx")).get_modelmeta().custom_metadata_map
+    meta = _fit_with_precision(e2e, tmp_path / "r16", "bf16")
     assert meta["backbone_precision"] == "fp32" and meta["bottleneck_precision"] == "bf16"
     assert "bf16" in (tmp_path / "r16" / "report.html").read_text()
-    out = json.loads(run_cli("label", tmp_path / "r16", held / "stripes", "--json").stdout)
-    assert sum(o["label"] == "stripes" for o in out) >= 2
 
 
 def test_ctrl_c_at_any_moment_ends_cleanly(tmp_path):
@@ -205,5 +203,8 @@ def test_ctrl_c_at_any_moment_ends_cleanly(tmp_path):
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=60)  # a hang fails here
         assert "Traceback" not in err and "Fatal" not in err, err
+        # 130 and the message; or, when the press came as the command ended, a finished run
+        # (exit 0, or killed by SIGINT while Python shut down: what a shell also shows as 130).
         assert p.returncode == 130 and "interrupted: finished work is kept" in err \
-            or p.returncode == 0 and (tmp_path / f"run{k}" / "model.onnx").is_file(), (delay, p.returncode, err)
+            or p.returncode in (0, -signal.SIGINT) and (tmp_path / f"run{k}" / "model.onnx").is_file(), \
+            (delay, p.returncode, err)
