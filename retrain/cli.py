@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from retrain import __version__
@@ -192,6 +193,8 @@ class _CtrlCOutsideImports:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="surrogateescape")  # file names that are not UTF-8 print as-is
     try:
         module, args = parse(argv)
         with _CtrlCOutsideImports():
@@ -199,12 +202,23 @@ def main(argv: list[str] | None = None) -> int:
     except RetrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # the disk, not the input: full, read-only, a name too long, ...
+        if isinstance(e, BrokenPipeError):
+            return 0
+        from retrain.run import os_error_message
+
+        print(f"error: {os_error_message(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\ninterrupted: finished work is kept (cached bottlenecks, checkpoints); "
               "run the same command again to resume", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return 0
+    except Exception as e:  # noqa: BLE001 - a bug: one line, the traceback on request
+        if os.environ.get("RETRAIN_DEBUG"):
+            raise
+        print(f"error: internal error ({type(e).__name__}: {str(e)[:200]}); this is a bug in retrain: please "
+              "report it with the command that caused it (RETRAIN_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

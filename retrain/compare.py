@@ -165,7 +165,7 @@ def text_plot(rows: list[dict], width: int = PLOT_W, height: int = PLOT_H) -> st
 
 
 def compare_html(rows: list[dict]) -> str:
-    from retrain.report import _page, esc, svg_line_chart
+    from retrain.report import esc, page, svg_line_chart
 
     left = ' class="l"'
     head = "".join(f"<th{left if i in LEFT else ''}>{esc(h)}</th>" for i, (_, h, _) in enumerate(COLUMNS))
@@ -187,7 +187,7 @@ def compare_html(rows: list[dict]) -> str:
     table = f'<table id="runs-table"><tr>{head}</tr>{"".join(body_rows)}</table>'
     chart = svg_line_chart([(r["name"], r["curve"], False) for r in rows], title="validation accuracy",
                            ylabel="validation accuracy", width=900, height=380, css_id="chart-validation")
-    return _page(f"retrain compare: {len(rows)} runs", ", ".join(r["path"] for r in rows),
+    return page(f"retrain compare: {len(rows)} runs", ", ".join(r["path"] for r in rows),
                  ['<h2 id="table">Runs</h2>', table, '<h2 id="plot">Validation accuracy against step</h2>', chart])
 
 
@@ -207,9 +207,9 @@ def main(args) -> int:
         rows.sort(key=lambda r: (r.get(args.sort) is None, (-(r[args.sort] or 0)) if rev else (r.get(args.sort) or 0))
                   if args.sort != "name" else r["name"])
     if args.html:
-        from retrain.report import _write_atomic
+        from retrain.report import write_html
 
-        _write_atomic(Path(args.html), compare_html(rows))
+        write_html(args.html, compare_html(rows))
         print(f"wrote {args.html}", file=sys.stderr)
     if args.json:
         json.dump(rows, sys.stdout, indent=1)

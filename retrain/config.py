@@ -9,9 +9,55 @@ from __future__ import annotations
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 
-def opt(default, help: str, *aliases: str, choices=None, metavar=None):
+def opt(default, help: str, *aliases: str, choices=None, metavar=None, range=None):
+    """A setting: default, one-line help, codelab aliases, allowed `choices` or numeric `range`
+    (lo, hi), both inclusive; a number outside it, NaN or infinity is refused)."""
     return field(default=default, metadata={"help": help, "aliases": aliases, "choices": choices,
-                                            "metavar": metavar})
+                                            "metavar": metavar, "range": range})
+
+
+def check_number(flag: str, value, lo, hi, *, allow=()):
+    """`value` if it is a finite number in [lo, hi] (or one of `allow`), else a ConfigError that
+    names the flag, the value and the range."""
+    import math
+
+    from retrain.errors import ConfigError
+
+    if value in allow and not isinstance(value, bool):
+        return value
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and lo <= value <= hi
+    if not ok:
+        also = f" (or {', '.join(map(str, allow))})" if allow else ""
+        raise ConfigError(f"{flag} must be a number from {_num(lo)} to {_num(hi)}{also}, got {value}")
+    return value
+
+
+def _num(x) -> str:
+    return f"{x:,}" if isinstance(x, int) else f"{x:g}"
+
+
+def bounded(t, lo, hi, flag: str, *, allow=()):
+    """An argparse `type=` that reads a `t` (int or float) and checks it with check_number."""
+    from retrain.errors import ConfigError
+
+    def convert(text):
+        try:
+            v = t(text)
+        except ValueError:
+            raise ConfigError(f"{flag} expects a{'n' if t is int else ''} {t.__name__}, got '{text}'") from None
+        return check_number(flag, v, lo, hi, allow=allow)
+    return convert
+
+
+def check_ranges(cfg) -> None:
+    """Every numeric setting of `cfg` within the range its table entry states."""
+    for f in fields(cfg):
+        r = f.metadata.get("range")
+        v = getattr(cfg, f.name)
+        if r is not None and v is not None and not isinstance(v, str):
+            lo, hi, *allow = r
+            check_number(f"--{f.name}", v, lo, hi, allow=tuple(allow))
 
 
 @dataclass
@@ -20,19 +66,21 @@ class FitConfig:
     image_dir: str | None = opt(None, "folder with one subfolder of photos per class", "--image_dir")
     output: str | None = opt(None, "run folder to write (default runs/<image folder name>)",
                              "--output_dir", "-o")
-    testing_percentage: float = opt(10.0, "percent of images for the test split", "--testing_percentage")
+    testing_percentage: float = opt(10.0, "percent of images for the test split", "--testing_percentage",
+                                    range=(0.01, 89.99))
     validation_percentage: float = opt(10.0, "percent of images for the validation split",
-                                       "--validation_percentage")
+                                       "--validation_percentage", range=(0.01, 89.99))
     # --- backbone and bottlenecks
     architecture: str = opt("efficientnet_lite0", "frozen ImageNet backbone", "--architecture")
     cache_dir: str | None = opt(None, "bottleneck cache folder (default: user cache folder)",
                                 "--bottleneck_dir")
-    batch_size: int = opt(8, "images per backbone batch when computing bottlenecks (8 is fastest on a CPU)")
+    batch_size: int = opt(8, "images per backbone batch when computing bottlenecks (8 is fastest on a CPU)",
+                     range=(1, 1024))
     bottleneck_precision: str = opt("auto", "auto: bf16 on CPUs with bf16 units (AMX, AVX-512 BF16; "
                                     "run by OpenVINO, the model stays fp32), else fp32; int8: a backbone "
                                     "quantized once (calibrated on photos shipped with retrain), the model "
                                     "is built on it", choices=("auto", "fp32", "bf16", "int8"))
-    workers: int = opt(0, "image-decoding threads (0: one per core, at most 4)")
+    workers: int = opt(0, "image-decoding threads (0: one per core, at most 4)", range=(0, 256))
     provider: str = opt("auto", "ONNX Runtime execution provider", choices=("auto", "cpu", "cuda", "tensorrt"))
     # --- final layer
     optimizer: str = opt("auto", "lbfgs: full-batch L-BFGS with L2 chosen on validation (best "
@@ -40,17 +88,21 @@ class FitConfig:
                          "when --learning_rate or --how_many_training_steps is given, else lbfgs",
                          choices=("auto", "lbfgs", "sgd"))
     learning_rate: float | None = opt(None, "sgd learning rate (codelab default 0.01); with --fine-tune, "
-                                      "the head's fine-tuning rate (default 6e-4)", "--learning_rate")
+                                      "the head's fine-tuning rate (default 6e-4)", "--learning_rate",
+                                      range=(1e-9, 100))
     how_many_training_steps: int | None = opt(None, "sgd steps (codelab default 4000); lbfgs "
-                                              "iteration cap (default 500)", "--how_many_training_steps")
-    train_batch_size: int = opt(100, "sgd images per step", "--train_batch_size")
+                                              "iteration cap (default 500)", "--how_many_training_steps",
+                                              range=(1, 10_000_000))
+    train_batch_size: int = opt(100, "sgd images per step", "--train_batch_size", range=(1, 1_000_000))
     validation_batch_size: int = opt(-1, "validation images per evaluation (-1: all)",
-                                     "--validation_batch_size")
-    test_batch_size: int = opt(-1, "test images used for the final test (-1: all)", "--test_batch_size")
+                                     "--validation_batch_size", range=(1, 10_000_000, -1))
+    test_batch_size: int = opt(-1, "test images used for the final test (-1: all)", "--test_batch_size",
+                              range=(1, 10_000_000, -1))
     eval_step_interval: int = opt(10, "report train/validation accuracy every N steps",
-                                  "--eval_step_interval")
-    l2: float | None = opt(None, "L2 strength of the final layer (default: chosen on validation)")
-    seed: int = opt(0, "random seed: same seed, same data -> same model")
+                                  "--eval_step_interval", range=(1, 10_000_000))
+    l2: float | None = opt(None, "L2 strength of the final layer (default: chosen on validation)",
+                          range=(0, 1e4))
+    seed: int = opt(0, "random seed: same seed, same data -> same model", range=(0, 2**32 - 1))
     # --- outputs
     final_tensor_name: str = opt("final_result", "name of the model's output", "--final_tensor_name")
     output_graph: str | None = opt(None, "also copy model.onnx here", "--output_graph")
@@ -61,26 +113,30 @@ class FitConfig:
     quiet: bool = opt(False, "no progress bars or messages, only the summary line", "-q")
     # --- distortions (codelab flags; cached views)
     flip_left_right: bool = opt(False, "randomly mirror training images", "--flip_left_right")
-    random_crop: float = opt(0.0, "percent of the image to randomly crop away", "--random_crop")
-    random_scale: float = opt(0.0, "percent by which to randomly scale up", "--random_scale")
+    random_crop: float = opt(0.0, "percent of the image to randomly crop away", "--random_crop",
+                              range=(0, 100))
+    random_scale: float = opt(0.0, "percent by which to randomly scale up", "--random_scale",
+                               range=(0, 100))
     random_brightness: float = opt(0.0, "percent by which to randomly vary brightness",
-                                   "--random_brightness")
+                                   "--random_brightness", range=(0, 100))
     augment: int = opt(0, "distorted views cached per training image (0: 4 when a distortion "
-                       "flag is set; N alone: mirror + 10% crop, scale, brightness)")
+                       "flag is set; N alone: mirror + 10% crop, scale, brightness)", range=(0, 32))
     # --- imbalance, calibration, test-time augmentation
     class_weights: str = opt("none", "balanced: each class weighs the same in the loss", "--class_weights",
                              choices=("none", "balanced"))
     no_calibration: bool = opt(False, "skip temperature scaling (by default a temperature is fitted on "
                                "held-out predictions so that scores match accuracy)")
     unknown_precision: float | None = opt(None, "answer 'unknown' under a score threshold chosen on "
-                                          "validation for this precision (e.g. 0.95)", "--unknown_precision")
+                                          "validation for this precision (e.g. 0.95)", "--unknown_precision",
+                                          range=(1e-6, 1 - 1e-6))
     tta: bool = opt(False, "record test-time augmentation (mirror averaging) in the model; label and "
                     "evaluate then use it by default")
     # --- fine-tuning (needs torch)
     fine_tune: bool = opt(False, "also train the last backbone blocks (slower, more accurate)", "--fine_tune")
     unfreeze: int = opt(8, "backbone blocks unfrozen by --fine-tune, counted from the end (with the "
-                        "final 1x1 convolution)")
-    epochs: int = opt(8, "fine-tuning epochs (fewer when validation stops improving in the second half)")
+                        "final 1x1 convolution)", range=(1, 16))
+    epochs: int = opt(8, "fine-tuning epochs (fewer when validation stops improving in the second half)",
+                     range=(1, 1000))
     resume: bool = opt(False, "continue an interrupted --fine-tune from its checkpoint")
     fp32: bool = opt(False, "fine-tune in float32 even where the CPU has bf16")
 

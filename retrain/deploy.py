@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from retrain.errors import ConfigError, DataError, ImageError, ModelError, did_you_mean
-from retrain.export import replace_dir
+from retrain.run import RunWriter, check_destination
 
 FORMATS = {
     "onnx": "float32 ONNX (the run's model, verified)",
@@ -285,9 +285,7 @@ def export(run, fmt: str = "onnx", output=None, *, tolerance: float = 1.0, max_p
     out = Path(output).expanduser() if output else run.parent / f"{run.name}-{fmt}"
     if out.resolve() == run.resolve():
         raise ConfigError(f"--output {out} is the run itself; give another folder for the {fmt} form")
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "model.onnx").is_file())):
-        raise ConfigError(f"--output {out} exists and is not a run folder; give a new or empty folder "
-                          "(an earlier export there is replaced)")
+    out = check_destination(out, image_dir=root)  # an earlier export there is replaced; nothing else
     src_meta = read_metadata(src)
     if src_meta.get("format", "onnx") != "onnx":
         raise ConfigError(f"{run} holds an {src_meta['format']} model; export from the float32 run it came from "
@@ -384,19 +382,12 @@ def export(run, fmt: str = "onnx", output=None, *, tolerance: float = 1.0, max_p
 
 def _write_run(out: Path, model: Path, run: Path, report: dict) -> None:
     """DIR as a run folder, swapped in whole: a crash never leaves half an export."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with RunWriter(out, kind="export") as tmp:
         shutil.copyfile(model, tmp / "model.onnx")
         if (run / "labels.txt").is_file():
             shutil.copyfile(run / "labels.txt", tmp / "labels.txt")
         shutil.copyfile(run / "split.json", tmp / "split.json")
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
-        replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _index_export(run: Path, fmt: str, out: Path, when: str, log) -> None:
@@ -452,15 +443,16 @@ def format_record(rec: dict) -> str:
 
 
 def add_arguments(p) -> None:
+    from retrain.config import bounded
     from retrain.runtime import PROVIDER_CHOICES
 
     p.add_argument("run", help="run folder written by retrain fit")
     p.add_argument("--format", "-f", default="onnx", metavar="F",
                    help=f"{', '.join(FORMATS)} (default onnx)")
     p.add_argument("--output", "-o", metavar="DIR", help="run folder to write (default: RUN-FORMAT next to RUN)")
-    p.add_argument("--tolerance", type=float, default=1.0,
+    p.add_argument("--tolerance", type=bounded(float, 0, 100, "--tolerance"), default=1.0,
                    help="most accuracy points the export may lose on validation+test photos (default 1)")
-    p.add_argument("--max-prob-diff", type=float, default=None,
+    p.add_argument("--max-prob-diff", type=bounded(float, 0, 1, "--max-prob-diff"), default=None,
                    help="also refuse if any probability moves more than this (default: no limit)")
     p.add_argument("--force", action="store_true", help="write the model even if it is outside the tolerance")
     p.add_argument("--calibration-images", type=int, default=200,

@@ -98,10 +98,12 @@ def evaluate(model, image_dir, *, provider: str = "auto", batch_size: int = 8, t
 
 
 def add_arguments(p) -> None:
+    from retrain.config import bounded
+
     p.add_argument("model", help="run folder (or model.onnx) written by retrain fit")
     p.add_argument("image_dir", help="folder with one subfolder of photos per class")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8: fastest on a CPU)")
+    p.add_argument("--batch-size", type=bounded(int, 1, 1024, "--batch-size"), default=8, help="images per batch (default 8: fastest on a CPU)")
     p.add_argument("--provider", default="auto", help="auto, cpu, cuda or tensorrt")
     p.add_argument("--tta", action="store_true", default=None,
                    help="test-time augmentation: average with the mirror image (default: as the model says)")

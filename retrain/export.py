@@ -91,20 +91,6 @@ def save_atomic(m, path: Path) -> None:
             os.unlink(tmp)
 
 
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Swap a fully written folder `tmp` in as `out` (the old one removed only afterwards):
-    a crash never leaves half a run folder."""
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        import shutil
-
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def verify(model_path, x_uint8: np.ndarray, expected: np.ndarray, *, tol: float = 2e-3) -> float:
     """Run the written model with a plain InferenceSession and compare with `expected` probs."""
     from retrain.errors import ModelError

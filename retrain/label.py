@@ -57,11 +57,13 @@ def label(model, inputs: list[str], *, top_k: int = 5, batch_size: int = 8, prov
 
 
 def add_arguments(p) -> None:
+    from retrain.config import bounded
+
     p.add_argument("model", nargs="?", help="run folder or model.onnx written by retrain fit")
     p.add_argument("inputs", nargs="*", metavar="IMAGE|DIR", help="images or folders of images")
-    p.add_argument("--top-k", "--top_k", type=int, default=5, help="how many labels per image (default 5)")
+    p.add_argument("--top-k", "--top_k", type=bounded(int, 1, 1000, "--top-k"), default=5, help="how many labels per image (default 5)")
     p.add_argument("--json", action="store_true", help="print JSON on stdout")
-    p.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8: fastest on a CPU)")
+    p.add_argument("--batch-size", type=bounded(int, 1, 1024, "--batch-size"), default=8, help="images per batch (default 8: fastest on a CPU)")
     p.add_argument("--provider", default="auto", help="auto, cpu, cuda or tensorrt")
     p.add_argument("--tta", action="store_true", default=None,
                    help="test-time augmentation: average with the mirror image (default: as the model says)")
@@ -73,10 +75,10 @@ def add_arguments(p) -> None:
     g.add_argument("--image", action="append", default=[], help="image to label (repeatable)")
     g.add_argument("--input_layer", help="input name (default: from the model)")
     g.add_argument("--output_layer", help="output name (default: from the model)")
-    g.add_argument("--input_height", type=int, help="input height (default: from the model)")
-    g.add_argument("--input_width", type=int, help="input width (default: from the model)")
-    g.add_argument("--input_mean", type=float, help="subtracted from pixels 0..255 (default: from the model)")
-    g.add_argument("--input_std", type=float, help="pixels are divided by this (default: from the model)")
+    g.add_argument("--input_height", type=bounded(int, 16, 4096, "--input_height"), help="input height (default: from the model)")
+    g.add_argument("--input_width", type=bounded(int, 16, 4096, "--input_width"), help="input width (default: from the model)")
+    g.add_argument("--input_mean", type=bounded(float, -1e4, 1e4, "--input_mean"), help="subtracted from pixels 0..255 (default: from the model)")
+    g.add_argument("--input_std", type=bounded(float, 1e-6, 1e4, "--input_std"), help="pixels are divided by this (default: from the model)")
 
 
 def main(args) -> int:

@@ -247,8 +247,12 @@ def _path_list(rows: list[str], css_id: str) -> str:
     return f'<ul id="{css_id}">{shown}{more}</ul>'
 
 
-def _page(title: str, subtitle: str, body: list[str]) -> str:
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+GENERATOR = '<meta name="generator" content="retrain">'  # how retrain knows a page is its own
+
+
+def page(title: str, subtitle: str, body: list[str]) -> str:
+    """A whole self-contained HTML page (no external assets) with retrain's style."""
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">" + GENERATOR +
             f"<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\"><title>{esc(title)}</title>"
             f"<style>{CSS}</style></head><body><main><h1>{esc(title)}</h1><p class=\"sub\">{esc(subtitle)}</p>"
             + "\n".join(body) + "</main></body></html>\n")
@@ -357,7 +361,7 @@ def run_html(report: dict) -> str:
     body.append(_kv_table(cfg, "config-table"))
     title = f"retrain run: {Path(report.get('output') or 'run').name}"
     sub = f"{report.get('output', '')}, trained on {root} ({report.get('architecture', '?')})"
-    return _page(title, sub, body)
+    return page(title, sub, body)
 
 
 def eval_html(m: dict) -> str:
@@ -378,27 +382,35 @@ def eval_html(m: dict) -> str:
     mp = Path(str(m.get("model", "model")))
     title = f"retrain evaluation: {mp.parent.name if mp.name == 'model.onnx' and mp.parent.name else mp.name}"
     sub = f"model {m.get('model', '?')} on {root}" + (" (test-time augmentation)" if m.get("tta") else "")
-    return _page(title, sub, body)
+    return page(title, sub, body)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def is_retrain_page(path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return GENERATOR.encode() in f.read(4096)
+    except OSError:
+        return False
+
+
+def write_html(path, text: str, *, flag: str = "--html") -> Path:
+    """Write a page atomically; an existing file is replaced only if it is a retrain page."""
+    from retrain.run import copy_out_text
+
+    return copy_out_text(text, path, flag=flag, looks_ours=is_retrain_page)
 
 
 def write_run_html(run_folder, report: dict, path=None) -> Path:
     """Write report.html for a run (into the run folder unless `path` is given)."""
-    out = Path(path) if path else Path(run_folder) / "report.html"
-    _write_atomic(out, run_html(report))
-    return out
+    if path is None:  # inside the run folder: retrain's own file
+        from retrain.run import REPORT_HTML, write_text_atomic
+
+        return write_text_atomic(Path(run_folder) / REPORT_HTML, run_html(report))
+    return write_html(path, run_html(report), flag="--output")
 
 
 def write_eval_html(metrics: dict, path) -> Path:
-    out = Path(path)
-    _write_atomic(out, eval_html(metrics))
-    return out
+    return write_html(path, eval_html(metrics))
 
 
 def load_report(run) -> dict:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from retrain.config import FitConfig
+from retrain.config import FitConfig, check_ranges
 from retrain.errors import ConfigError
-from retrain.export import replace_dir
+from retrain.run import RunWriter, copy_out, is_labels_file, is_retrain_model
 
 L2_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 LBFGS_MAX_ITER = 500
@@ -266,6 +266,7 @@ def validate_config(cfg: FitConfig) -> None:
     need(not cfg.resume or cfg.fine_tune, "--resume continues an interrupted --fine-tune; add --fine-tune")
     need(cfg.final_tensor_name.replace("_", "").replace("/", "").isalnum(),
          f"--final_tensor_name must be letters, digits and _ , got '{cfg.final_tensor_name}'")
+    check_ranges(cfg)  # every number finite and within its table range (--l2 inf, --seed -1, ...)
 
 
 def checkpoint_path(out: Path) -> Path:
@@ -368,6 +369,22 @@ def _export_check_inputs(bb, paths: list[str], precision: str, log):
     return imgs, sess.run(None, {"input": normalize(imgs, bb.mean, bb.std)})[0]
 
 
+def check_outputs(cfg: FitConfig) -> Path:
+    """The run folder to write (absolute), after checking that it and --output_graph /
+    --output_labels may be written (retrain.run's rules). Raises ConfigError."""
+    from retrain.run import check_destination, is_labels_file, is_retrain_model
+
+    image_dir = Path(cfg.image_dir).expanduser()
+    out = check_destination(cfg.output or Path("runs") / image_dir.resolve().name, image_dir=image_dir)
+    for flag, path, ours in (("--output_graph", cfg.output_graph, is_retrain_model),
+                             ("--output_labels", cfg.output_labels, is_labels_file)):
+        p = Path(path).expanduser() if path else None
+        if p is not None and (p.is_dir() or (p.exists() and not ours(p))):
+            raise ConfigError(f"{flag} {p} is {'a folder' if p.is_dir() else 'a file retrain did not write'}; "
+                              "give a new file name (retrain never overwrites a file it did not write)")
+    return out
+
+
 def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=1, default=str) + "\n")
 
@@ -385,6 +402,7 @@ def fit(cfg: FitConfig, *, log=None) -> dict:
 
     log = log or Log(cfg.quiet)
     validate_config(cfg)
+    out = check_outputs(cfg)  # refused before any work: a user's folder is never replaced
     precision = choose_precision(cfg.bottleneck_precision, provider=cfg.provider, fine_tune=cfg.fine_tune)
     from retrain import augment
 
@@ -406,7 +424,6 @@ def fit(cfg: FitConfig, *, log=None) -> dict:
     t0 = time.perf_counter()
     s = scan(cfg.image_dir, quiet=cfg.quiet)
     timings["scan_s"] = round(time.perf_counter() - t0, 3)
-    out = Path(cfg.output or Path("runs") / Path(s.root).name)
     log(f"Found {len(s.items)} images in {len(s.classes)} classes in {s.root}"
         + (f" ({len(s.skipped)} unreadable, {len(s.ignored)} non-image files ignored)" if s.skipped or s.ignored else ""))
 
@@ -526,11 +543,7 @@ def fit(cfg: FitConfig, *, log=None) -> dict:
 
     # Write into a fresh folder and swap it in at the end: a crash never leaves half a run.
     t0 = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with RunWriter(out, image_dir=s.root) as tmp:
         W, b = head.folded()
         check_imgs, check_feats = check_inputs.result()
         expected = head.probs(X[check_idx] if check_feats is None else check_feats, temperature)
@@ -597,17 +610,12 @@ def fit(cfg: FitConfig, *, log=None) -> dict:
             from retrain.report import write_run_html
 
             write_run_html(tmp, report)
-        replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     if ft is not None:
         checkpoint_path(out).unlink(missing_ok=True)  # finished: nothing left to resume
     if cfg.output_graph:
-        Path(cfg.output_graph).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(out / "model.onnx", cfg.output_graph)
+        copy_out(out / "model.onnx", cfg.output_graph, flag="--output_graph", looks_ours=is_retrain_model)
     if cfg.output_labels:
-        Path(cfg.output_labels).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(out / "labels.txt", cfg.output_labels)
+        copy_out(out / "labels.txt", cfg.output_labels, flag="--output_labels", looks_ours=is_labels_file)
     return report
 
 

@@ -111,3 +111,12 @@ def run_cli(*args, check=True, timeout=600, env=None, cwd=None) -> subprocess.Co
     if check and p.returncode != 0:
         raise AssertionError(f"retrain {' '.join(map(str, args))} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
     return p
+
+
+def one_error_line(stderr: str) -> str:
+    """The single `error: ...` line of a failed command; fails on a traceback or several errors."""
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, stderr
+    assert "internal error" not in errors[0], stderr
+    return errors[0]
