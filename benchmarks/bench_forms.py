@@ -50,7 +50,7 @@ def main() -> int:
     from retrain.config import FitConfig
     from retrain.deploy import export
     from retrain.progress import Log
-    from retrain.train import fit
+    from retrain.fit import fit
 
     log = Log(False)
     work = Path(a.work)

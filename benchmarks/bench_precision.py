@@ -32,7 +32,7 @@ def main():
     from retrain.bottlenecks import BottleneckCache, choose_precision, extract, feature_session
     from retrain.scan import scan
     from retrain.split import split_items
-    from retrain.train import train_lbfgs
+    from retrain.head import train_lbfgs
 
     bb = get_backbone("efficientnet_lite0")
     s = scan(args.data, quiet=True)

@@ -18,15 +18,10 @@ from __future__ import annotations
 import numpy as np
 
 from retrain.errors import ConfigError
+from retrain.head import softmax
 
 ECE_BINS = 15
 T_BOUNDS = (0.05, 20.0)
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def nll(logits: np.ndarray, y: np.ndarray, temperature: float = 1.0) -> float:
@@ -107,3 +102,39 @@ def selective_metrics(probs: np.ndarray, y: np.ndarray, threshold: float | None)
     acc = p.max(1) >= threshold
     return {"coverage": float(acc.mean()),
             "precision": float((p[acc].argmax(1) == y[acc]).mean()) if acc.any() else None}
+
+
+def calibrate_head(head, X, y, tr, va, te, cfg, *, log=None) -> dict:
+    """A head's temperature (and optional unknown threshold) fitted on validation (indices `va`
+    into X, y); ECE before and after, on validation and test. `cfg`: a FitConfig.
+
+    The test split is only measured here, never used to choose anything.
+    """
+    from retrain.progress import Log
+
+    log = log or Log.silent()
+    out = {"temperature": 1.0, "fitted_on": "validation", "n": int(len(va))}
+    zva, zte = head.logits(X[va]), head.logits(X[te])
+    if not cfg.no_calibration and len(va) >= 10:
+        out["temperature"] = round(fit_temperature(zva, y[va]), 4)
+    T = out["temperature"]
+    for name, z, yy in (("validation", zva, y[va]), ("test", zte, y[te])):
+        if len(yy):
+            out[f"ece_{name}_before"] = round(expected_calibration_error(softmax(z), yy), 5)
+            out[f"ece_{name}_after"] = round(expected_calibration_error(softmax(z / T), yy), 5)
+    if len(va) >= 10 and not cfg.no_calibration:
+        log(f"Calibration: temperature {T:.3f}; expected calibration error on validation "
+            f"{out['ece_validation_before']:.3f} -> {out['ece_validation_after']:.3f}"
+            + (f", on test {out['ece_test_before']:.3f} -> {out['ece_test_after']:.3f}" if len(te) else ""))
+    if cfg.unknown_precision is not None:
+        u = unknown_threshold(softmax(zva / T), y[va], cfg.unknown_precision)
+        out["unknown"] = u
+        if u["threshold"] is None:
+            log.warn(f"no score threshold reaches precision {cfg.unknown_precision} on validation; "
+                     "the model will not answer 'unknown'")
+        else:
+            out["unknown_threshold"] = round(u["threshold"], 6)
+            out["unknown_test"] = selective_metrics(softmax(zte / T), y[te], u["threshold"])
+            log(f"Unknown threshold {u['threshold']:.4f}: on validation precision {u['precision']:.1%} "
+                f"at coverage {u['coverage']:.1%}")
+    return out

@@ -18,7 +18,7 @@ from retrain.errors import ConfigError, RetrainError, did_you_mean
 
 # name: (module, one-line description)
 COMMANDS = {
-    "fit": ("retrain.train", "train a classifier on a folder of photos (one subfolder per class)"),
+    "fit": ("retrain.fit", "train a classifier on a folder of photos (one subfolder per class)"),
     "label": ("retrain.label", "top-k labels for images or folders of images"),
     "evaluate": ("retrain.evaluate", "accuracy, per-class precision/recall, confusion on labelled photos"),
     "check": ("retrain.check", "check an image folder before training: counts, corrupt files, duplicates"),
@@ -43,28 +43,17 @@ def available_commands() -> dict:
     return {k: v for k, v in COMMANDS.items() if importlib.util.find_spec(v[0]) is not None}
 
 
-def _type_of(type_str: str):
-    t = str(type_str)
-    if t.startswith("bool"):
-        return bool
-    if t.startswith("int"):
-        return int
-    if t.startswith("float"):
-        return float
-    return str
-
-
 def add_config_arguments(p, cls, raw_lists=()) -> None:
     """Flags for every field of a config dataclass: --name-with-dashes, --name_with_underscores,
     plus the aliases in its metadata. Defaults stay in the dataclass (argparse.SUPPRESS here)."""
-    from retrain.config import config_fields
+    from retrain.config import config_fields, type_of
 
     for name, default, type_str, meta in config_fields(cls):
         flags = [f"--{name.replace('_', '-')}"]
         for a in (f"--{name}", *meta.get("aliases", ())):
             if a not in flags:
                 flags.append(a)
-        t = str if name in raw_lists else _type_of(type_str)  # sweep lists are parsed later
+        t = str if name in raw_lists else type_of(type_str)  # sweep lists are parsed later
         help_ = f"{meta.get('help', '')} (default: {default})".replace("%", "%%")
         if t is bool:
             p.add_argument(*flags, dest=name, action="store_true", default=argparse.SUPPRESS, help=help_)
@@ -84,7 +73,7 @@ def _checked(t, flag):
 
 def config_from_args(args, cls, raw_lists=()):
     """A config dataclass from the flags that were given; checks `choices` with suggestions."""
-    from retrain.config import config_fields
+    from retrain.config import config_fields, type_of
 
     given = {}
     for name, _default, _t, meta in config_fields(cls):
@@ -94,7 +83,7 @@ def config_from_args(args, cls, raw_lists=()):
             if isinstance(v, str) and "," in v and name in raw_lists:
                 pass  # a sweep list: checked per value when expanded
             elif name in raw_lists and isinstance(v, str):
-                t = _type_of(_t)
+                t = type_of(_t)
                 v = _checked(t, f"--{name}")(v) if t is not str else v
             if choices and not (isinstance(v, str) and "," in v) and v not in choices:
                 raise ConfigError(f"--{name} must be one of {', '.join(choices)}, got '{v}'."

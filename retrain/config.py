@@ -148,6 +148,15 @@ class FitConfig:
                     or self.random_brightness or self.augment)
 
 
+def type_of(type_str: str):
+    """The Python type of a setting from its annotation string ("float | None" -> float)."""
+    t = str(type_str)
+    for name, typ in (("bool", bool), ("int", int), ("float", float)):
+        if t.startswith(name):
+            return typ
+    return str
+
+
 def config_fields(cls=FitConfig):
     """(name, default, type-string, metadata) for each setting, in table order."""
     for f in fields(cls):

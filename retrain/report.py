@@ -278,7 +278,7 @@ def _skipped_section(skipped: list[dict], root) -> list[str]:
 
 
 def run_html(report: dict) -> str:
-    """The page for a run's report dict (see retrain.train.fit)."""
+    """The page for a run's report dict (see retrain.fit.fit)."""
     metrics = report.get("metrics", {})
     te, va, tr = metrics.get("test", {}), metrics.get("validation", {}), metrics.get("train", {})
     root = report.get("image_dir")

@@ -89,6 +89,68 @@ def _umask() -> int:
     return m
 
 
+# ------------------------------------------------------------------------- the files of a run
+
+class Run:
+    """A run folder's files, read and written here only.
+
+        run = Run("runs/flowers")
+        run.report()["metrics"]["test"]["accuracy"];  run.model  # Path of model.onnx
+    """
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+
+    @property
+    def model(self) -> Path:
+        return self.folder / MODEL
+
+    @property
+    def labels_path(self) -> Path:
+        return self.folder / LABELS
+
+    @property
+    def report_html(self) -> Path:
+        return self.folder / REPORT_HTML
+
+    def write_labels(self, labels: list[str]) -> None:
+        write_text_atomic(self.labels_path, "".join(f"{c}\n" for c in labels))
+
+    def write_split(self, doc: dict) -> None:
+        write_json_atomic(self.folder / SPLIT, doc)
+
+    def split(self) -> dict:
+        from retrain.errors import ModelError
+
+        doc = read_json(self.folder / SPLIT)
+        files = doc.get("files")
+        if not isinstance(files, dict) or not all(isinstance(files.get(k, []), list)
+                                                  for k in ("train", "validation", "test")):
+            raise ModelError(f"{self.folder / SPLIT} has no 'files' lists for train/validation/test")
+        return doc
+
+    def write_report(self, report: dict) -> None:
+        """report.json, with the schema version first (see REPORT_SCHEMA)."""
+        write_json_atomic(self.folder / REPORT, {"schema": REPORT_SCHEMA, **report})
+
+    def report(self) -> dict:
+        return read_json(self.folder / REPORT)
+
+    def exports(self) -> dict:
+        """{format: record} of the exports made from this run ({} if none)."""
+        p = self.folder / EXPORTS
+        if not p.is_file():
+            return {}
+        try:
+            doc = json.loads(p.read_text())
+        except (OSError, ValueError):
+            return {}
+        return doc if isinstance(doc, dict) else {}
+
+    def write_exports(self, index: dict) -> None:
+        write_json_atomic(self.folder / EXPORTS, index)
+
+
 # ------------------------------------------------------------------------- what may be replaced
 
 def is_run_folder(path) -> bool:

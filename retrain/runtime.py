@@ -342,3 +342,14 @@ def openvino_session(path, *, precision: str, size: int, mean, std, batch: int =
 
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ModelError(f"OpenVINO could not compile {path} ({msg}); use --bottleneck-precision fp32") from None
+
+
+def device_description(provider: str = "auto", precision: str = "fp32") -> str:
+    """e.g. 'CPU: Intel(R) Xeon(R) ... (2 cores); onnxruntime CPUExecutionProvider'."""
+    cpu = cpu_name()
+    try:
+        eps = [p if isinstance(p, str) else p[0] for p in resolve_providers(provider)]
+    except Exception:
+        eps = ["?"]
+    bottlenecks = f"; bottlenecks in bf16 on OpenVINO {openvino_version()}" if precision == "bf16" else ""
+    return f"CPU: {cpu} ({os.cpu_count()} cores); onnxruntime {eps[0]}{bottlenecks}"

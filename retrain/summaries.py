@@ -130,7 +130,7 @@ def write_summaries(summaries_dir, report: dict, *, features: np.ndarray, y: np.
     """Write the run's TensorBoard events (see the module docstring). Returns the folder.
 
     features: (N, C) bottlenecks, y: (N,) class indices, paths: N image paths, parts: split name
-    -> indices into them; head: the trained final layer (retrain.train.Head) for the weight
+    -> indices into them; head: the trained final layer (retrain.head.Head) for the weight
     histograms and PR curves (skipped when None).
     """
     require()

@@ -75,7 +75,7 @@ def tiny_dataset(tmp_path) -> Path:
 def tiny_run(tmp_path_factory) -> Path:
     """A run folder trained once per session on 3 x 8 generated images (library call)."""
     from retrain.config import FitConfig
-    from retrain.train import fit
+    from retrain.fit import fit
 
     root = tmp_path_factory.mktemp("tiny")
     data = make_dataset(root / "images", per_class=8)
@@ -88,7 +88,7 @@ def tiny_run(tmp_path_factory) -> Path:
 def flowers_run(tmp_path_factory) -> Path:
     """A run trained on the 60 example flower photos committed under examples/."""
     from retrain.config import FitConfig
-    from retrain.train import fit
+    from retrain.fit import fit
 
     out = tmp_path_factory.mktemp("flowers") / "run"
     fit(FitConfig(image_dir=str(EXAMPLES), output=str(out), quiet=True))

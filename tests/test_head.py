@@ -5,8 +5,9 @@ import pytest
 
 from retrain.config import FitConfig
 from retrain.errors import ConfigError
-from retrain import train
-from retrain.train import Head, _loss_grad, train_lbfgs, train_sgd, validate_config
+from retrain import head as head_module
+from retrain.fit import validate_config
+from retrain.head import Head, _loss_grad, train_lbfgs, train_sgd
 
 
 def _blobs(n=60, k=3, d=16, seed=0):
@@ -26,7 +27,7 @@ def test_lbfgs_learns_and_picks_l2_on_validation():
 
 
 def test_blocked_loss_gradient_matches_finite_differences(monkeypatch):
-    monkeypatch.setattr(train, "LOSS_BLOCK_BYTES", 16 * 4 * 7)  # blocks of 7 rows: a ragged last block
+    monkeypatch.setattr(head_module, "LOSS_BLOCK_BYTES", 16 * 4 * 7)  # blocks of 7 rows: a ragged last block
     rng = np.random.default_rng(1)
     Z = rng.normal(size=(50, 16)).astype(np.float32)
     y = rng.integers(0, 3, 50)
@@ -39,7 +40,7 @@ def test_blocked_loss_gradient_matches_finite_differences(monkeypatch):
         d[j] = eps
         numeric = (_loss_grad(w + d, Z, Y1, 0.1, sw)[0] - _loss_grad(w - d, Z, Y1, 0.1, sw)[0]) / (2 * eps)
         assert abs(numeric - g[j]) < 1e-4 * max(1, abs(numeric))
-    monkeypatch.setattr(train, "LOSS_BLOCK_BYTES", 1 << 30)  # one block: the same loss
+    monkeypatch.setattr(head_module, "LOSS_BLOCK_BYTES", 1 << 30)  # one block: the same loss
     assert np.isclose(_loss_grad(w, Z, Y1, 0.1, sw)[0], f)
 
 
