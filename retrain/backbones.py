@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from retrain.errors import ConfigError, MissingDependency, did_you_mean
+from retrain.files import cache_root, sha256_file
 
 # Bump when the exported graph changes (export code, opset, pooling): invalidates caches.
 BACKBONE_SCHEMA = 1
@@ -118,23 +119,6 @@ def get_backbone(name: str) -> Backbone:
     raise ConfigError(
         f"unknown architecture '{name}'; known: {', '.join(BACKBONES)}.{did_you_mean(key, BACKBONES)}"
     )
-
-
-def cache_root() -> Path:
-    """User cache folder: $RETRAIN_CACHE, else $XDG_CACHE_HOME/retrain, else ~/.cache/retrain."""
-    env = os.environ.get("RETRAIN_CACHE")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "retrain"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def download(url: str, dest: Path, sha256: str, *, timeout: float = 60.0) -> Path:

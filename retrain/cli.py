@@ -37,12 +37,6 @@ class Parser(argparse.ArgumentParser):
         raise ConfigError(f"{self.prog}: {message}")
 
 
-def available_commands() -> dict:
-    import importlib.util
-
-    return {k: v for k, v in COMMANDS.items() if importlib.util.find_spec(v[0]) is not None}
-
-
 def add_config_arguments(p, cls, raw_lists=()) -> None:
     """Flags for every field of a config dataclass: --name-with-dashes, --name_with_underscores,
     plus the aliases in its metadata. Defaults stay in the dataclass (argparse.SUPPRESS here)."""
@@ -93,7 +87,7 @@ def config_from_args(args, cls, raw_lists=()):
 
 
 def _usage() -> str:
-    cmds = available_commands()
+    cmds = COMMANDS
     w = max(len(c) for c in cmds)
     lines = [f"retrain {__version__}: train an image classifier on your own photos by transfer learning",
              "", "usage: retrain COMMAND [options]   (retrain COMMAND --help for its options)", "",
@@ -105,7 +99,7 @@ def _usage() -> str:
 
 
 def build_parser(command: str):
-    module_name, desc = available_commands()[command]
+    module_name, desc = COMMANDS[command]
     module = importlib.import_module(module_name)
     p = Parser(prog=f"retrain {command}", description=desc, allow_abbrev=False)
     module.add_arguments(p)
@@ -121,7 +115,7 @@ def parse(argv: list[str]):
         print(f"retrain {__version__}")
         raise SystemExit(0)
     command, rest = argv[0], argv[1:]
-    cmds = available_commands()
+    cmds = COMMANDS
     if command not in cmds:
         raise ConfigError(f"unknown command '{command}'; commands: {', '.join(cmds)}.{did_you_mean(command, cmds)}")
     p, module = build_parser(command)

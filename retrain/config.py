@@ -138,7 +138,8 @@ class FitConfig:
     epochs: int = opt(8, "fine-tuning epochs (fewer when validation stops improving in the second half)",
                      range=(1, 1000))
     resume: bool = opt(False, "continue an interrupted --fine-tune from its checkpoint")
-    fp32: bool = opt(False, "fine-tune in float32 even where the CPU has bf16")
+    fine_tune_fp32: bool = opt(False, "fine-tune in float32 even where the CPU has bf16 (slower; "
+                                "the bottlenecks' precision is --bottleneck-precision)", "--fp32")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -17,7 +17,6 @@ in the model's metadata ("agreement") and in DIR/report.json ("export").
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from retrain.errors import ConfigError, DataError, ImageError, ModelError, did_you_mean
+from retrain.files import sha256_file
 from retrain.run import RunWriter, check_destination
 
 FORMATS = {
@@ -48,14 +48,6 @@ class ExportRejected(ModelError):
 
 
 # ------------------------------------------------------------------------------ the run
-
-def sha256_of(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def read_run(run, image_dir=None) -> tuple[Path, dict, dict, Path]:
     """(run folder, report, split, image root) of a run written by `retrain fit` (or an export)."""
@@ -352,7 +344,7 @@ def export(run, fmt: str = "onnx", output=None, *, tolerance: float = 1.0, max_p
                                  + (", or more --calibration-images / --calibration-method percentile" if fmt == "onnx-int8" else ""))
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         record = {"format": fmt, "description": FORMATS[fmt], "source_run": str(run.resolve()),
-                  "source_sha256": sha256_of(src), "provider": provider, "verified_on": agree,
+                  "source_sha256": sha256_file(src), "provider": provider, "verified_on": agree,
                   "tolerance_points": tolerance, "max_prob_diff_allowed": max_prob_diff,
                   "within_tolerance": not problems, "forced": bool(problems and force),
                   "photos_skipped": skipped, "exported": now, **extra}

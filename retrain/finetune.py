@@ -128,7 +128,8 @@ def prefix_onnx(bb, start: int, *, log=print) -> Path:
     """The frozen prefix exported to ONNX once (cached; checked against PyTorch)."""
     import tempfile
 
-    from retrain.backbones import build_torch, cache_root, export_onnx
+    from retrain.backbones import build_torch, export_onnx
+    from retrain.files import cache_root
 
     out = cache_root() / "backbones" / f"{bb.name}-{bb.fingerprint()}-prefix{start}.onnx"
     if out.is_file():
@@ -302,7 +303,7 @@ def fine_tune(cfg, bb, items, y, parts, *, W0, b0, views=0, distortions=None, ca
         device, memory_format=torch.channels_last)
     yva = torch.from_numpy(y[va]).to(device)
 
-    use_bf16 = device == "cpu" and cpu_has_bf16() and not cfg.fp32
+    use_bf16 = device == "cpu" and cpu_has_bf16() and not cfg.fine_tune_fp32
     amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if use_bf16 else (
         (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" else torch.autocast("cpu", enabled=False))
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from retrain import callable_module
 from retrain.config import FitConfig, check_ranges
 from retrain.errors import ConfigError
 from retrain.head import LBFGS_MAX_ITER, SGD_LEARNING_RATE, SGD_STEPS, Head, train_lbfgs, train_sgd
@@ -522,3 +523,6 @@ def _main_one(cfg: FitConfig, log) -> int:
           f"test accuracy {te['accuracy'] * 100:.1f}% (n={te['n']}), "
           f"{report['timings']['total_s']:.1f} s -> {report['output']}", file=sys.stdout)
     return 0
+
+
+callable_module(__name__, fit)  # retrain.fit(...) is fit(...)

@@ -9,6 +9,7 @@ import json
 import os
 import sys
 
+from retrain import callable_module
 from retrain.errors import ConfigError, DataError, ImageError
 
 
@@ -36,7 +37,12 @@ def expand_inputs(inputs: list[str]) -> list[str]:
 
 def label(model, inputs: list[str], *, top_k: int = 5, batch_size: int = 8, provider: str = "auto",
           tta: bool | None = None, quiet: bool = True, **overrides) -> list[dict]:
-    """[{path, predictions: [{label, score}], label} or {path, error}] for each image."""
+    """[{path, predictions: [{label, score}], label} or {path, error}] for each image (folders are
+    expanded to the images inside them).
+
+        >>> retrain.label("runs/flowers", ["daisy.jpg"])[0]["label"]
+        'daisy'
+    """
     from retrain.model import Classifier
 
     clf = Classifier(model, provider=provider, **overrides)
@@ -124,3 +130,6 @@ def main(args) -> int:
     for r in failed:
         print(f"skipped {r['path']}: {r['error']}", file=sys.stderr)
     return 1 if failed and len(failed) == len(results) else 0
+
+
+callable_module(__name__, label)  # retrain.label(...) is label(...)

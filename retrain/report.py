@@ -403,7 +403,8 @@ def write_html(path, text: str, *, flag: str = "--html") -> Path:
 def write_run_html(run_folder, report: dict, path=None) -> Path:
     """Write report.html for a run (into the run folder unless `path` is given)."""
     if path is None:  # inside the run folder: retrain's own file
-        from retrain.run import REPORT_HTML, write_text_atomic
+        from retrain.files import write_text_atomic
+        from retrain.run import REPORT_HTML
 
         return write_text_atomic(Path(run_folder) / REPORT_HTML, run_html(report))
     return write_html(path, run_html(report), flag="--output")

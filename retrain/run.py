@@ -28,10 +28,10 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 from retrain.errors import ConfigError
+from retrain.files import write_bytes_atomic, write_json_atomic, write_text_atomic
 
 MARKER = ".retrain-run"
 MODEL = "model.onnx"
@@ -46,31 +46,7 @@ RUN_FILES = frozenset({MODEL, LABELS, SPLIT, REPORT, REPORT_HTML, EXPORTS, MARKE
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)$")
 
 
-# ------------------------------------------------------------------------- atomic writes
-
-def write_bytes_atomic(path, data: bytes, *, mode: int = 0o644) -> Path:
-    """Write `data` to `path` through a temporary file in the same folder and a rename: a reader
-    (or a crash) sees the old file or the new one, never half of one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, mode & ~_umask())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def write_text_atomic(path, text: str) -> Path:
-    return write_bytes_atomic(path, text.encode("utf-8", "surrogateescape"))
-
-
-def write_json_atomic(path, obj) -> Path:
-    return write_text_atomic(path, json.dumps(obj, indent=1, default=str) + "\n")
-
+# ------------------------------------------------------------------------- the files of a run
 
 def read_json(path) -> dict:
     from retrain.errors import ModelError
@@ -83,13 +59,6 @@ def read_json(path) -> dict:
         raise ModelError(f"{path} is not valid JSON ({e})") from None
 
 
-def _umask() -> int:
-    m = os.umask(0)
-    os.umask(m)
-    return m
-
-
-# ------------------------------------------------------------------------- the files of a run
 
 class Run:
     """A run folder's files, read and written here only.
@@ -212,8 +181,8 @@ def check_destination(out, *, image_dir=None, flag: str = "--output") -> Path:
             raise ConfigError(f"{flag} {given} is a mount point, which cannot be swapped; give a folder "
                               "inside it")
         if any(real.iterdir()) and not is_run_folder(real):
-            raise ConfigError(f"{flag} {given} is a folder that retrain did not write (it holds "
-                              f"{_sample_names(real)}); retrain replaces only its own run folders: "
+            raise ConfigError(f"{flag} {given} is not a run folder: retrain did not write it (it holds "
+                              f"{_sample_names(real)}), and it replaces only its own run folders: "
                               "give a new or empty folder")
     return dest
 

@@ -9,7 +9,7 @@
 - `auto` falls back to the CPU; it says so (one line on stderr) only where an NVIDIA GPU is
   visible but unused, which is the case a person would want to know about.
 TensorRT builds its engine once per model and keeps it in an engine cache folder
-($RETRAIN_CACHE/tensorrt unless `trt_cache` says otherwise).
+($RETRAIN_CACHE/tensorrt).
 
 Bottlenecks in bf16 run on OpenVINO (`openvino_session`), the one CPU runtime here that
 uses the bf16 matrix units (AMX, AVX-512 BF16) of recent Intel CPUs: ONNX Runtime's CPU
@@ -51,10 +51,8 @@ def gpu_visible() -> bool:
     return os.path.exists("/dev/nvidia0") or os.path.isdir("/proc/driver/nvidia/gpus")
 
 
-def trt_cache_dir(trt_cache=None) -> Path:
-    if trt_cache:
-        return Path(trt_cache).expanduser()
-    from retrain.backbones import cache_root
+def trt_cache_dir() -> Path:
+    from retrain.files import cache_root
 
     return cache_root() / "tensorrt"
 
@@ -74,8 +72,7 @@ def _note(msg: str) -> None:
         print(f"note: {msg}", file=sys.stderr, flush=True)
 
 
-def resolve_providers(provider: str = "auto", *, trt_cache: str | os.PathLike | None = None,
-                      trt_fp16: bool = False) -> list:
+def resolve_providers(provider: str = "auto", *, trt_fp16: bool = False) -> list:
     """ONNX Runtime provider list for a name; raises MissingDependency where it can't run.
 
     trt_fp16 lets TensorRT build fp16 kernels; off by default so that the fp32 and int8 forms
@@ -98,7 +95,7 @@ def resolve_providers(provider: str = "auto", *, trt_cache: str | os.PathLike | 
         if ep not in have:
             continue
         if name == "tensorrt":
-            cache = trt_cache_dir(trt_cache)
+            cache = trt_cache_dir()
             cache.mkdir(parents=True, exist_ok=True)
             out.append((ep, {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
                              "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache),
@@ -123,8 +120,7 @@ def _model_format(path) -> str | None:
         return None
 
 
-def make_session(path, *, provider: str = "auto", threads: int | None = None, trt_cache=None,
-                 trt_fp16: bool | None = None):
+def make_session(path, *, provider: str = "auto", threads: int | None = None, trt_fp16: bool | None = None):
     """An InferenceSession with full graph optimisation and `threads` intra-op threads.
 
     trt_fp16: let TensorRT use fp16 kernels; None = only for a model exported as onnx-fp16.
@@ -146,7 +142,7 @@ def make_session(path, *, provider: str = "auto", threads: int | None = None, tr
     # bottlenecks/s on 2 cores; see BENCHMARKS.md).
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3
-    providers = resolve_providers(provider, trt_cache=trt_cache, trt_fp16=trt_fp16)
+    providers = resolve_providers(provider, trt_fp16=trt_fp16)
     try:
         sess = ort.InferenceSession(str(path), so, providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types
@@ -233,7 +229,7 @@ class OpenVINOSession:
         import openvino as ov
         from openvino.preprocess import PrePostProcessor
 
-        from retrain.backbones import cache_root
+        from retrain.files import cache_root
 
         core = ov.Core()
         core.set_property({"CACHE_DIR": str(cache_root() / "openvino")})  # compiled blobs: the second start is quick

@@ -25,18 +25,6 @@ SPRITE_THUMB = 48  # px per sprite cell: 5000 points -> 71 x 71 cells -> 3408 px
 PR_THRESHOLDS = 127
 
 
-def require() -> None:
-    """MissingDependency (one line, with the pip command) unless the writers are installed."""
-    import importlib.util
-
-    from retrain.errors import MissingDependency
-
-    missing = [m for m in ("tensorboardX", "tensorboard") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise MissingDependency(f"--summaries_dir needs {' and '.join(missing)}: pip install "
-                                "'tensorboardX>=2.6' 'tensorboard>=2.16'")
-
-
 def _writer(folder: Path):
     from tensorboardX import SummaryWriter
 
@@ -95,7 +83,7 @@ def write_sprite(paths: list[str], out: Path, side: int = SPRITE_THUMB, workers:
 
 
 def write_projector(folder: Path, features: np.ndarray, labels: list[str], splits: list[str],
-                    paths: list[str], *, root: str | None = None, sprite: bool = True) -> Path:
+                    paths: list[str], *, root: str | None = None) -> Path:
     """tensors.tsv + metadata.tsv (+ sprite.jpg) + projector_config.pbtxt in `folder`."""
     from google.protobuf import text_format
     from tensorboard.plugins.projector import projector_config_pb2
@@ -117,23 +105,21 @@ def write_projector(folder: Path, features: np.ndarray, labels: list[str], split
     emb.tensor_name = "bottlenecks"
     emb.tensor_path = "tensors.tsv"
     emb.metadata_path = "metadata.tsv"
-    if sprite:
-        write_sprite(paths, folder / "sprite.jpg")
-        emb.sprite.image_path = "sprite.jpg"
-        emb.sprite.single_image_dim.extend([SPRITE_THUMB, SPRITE_THUMB])
+    write_sprite(paths, folder / "sprite.jpg")
+    emb.sprite.image_path = "sprite.jpg"
+    emb.sprite.single_image_dim.extend([SPRITE_THUMB, SPRITE_THUMB])
     (folder / "projector_config.pbtxt").write_text(text_format.MessageToString(cfg))
     return folder
 
 
 def write_summaries(summaries_dir, report: dict, *, features: np.ndarray, y: np.ndarray, paths: list[str],
-                    parts: dict, head=None, embedding: bool = True) -> Path:
+                    parts: dict, head=None) -> Path:
     """Write the run's TensorBoard events (see the module docstring). Returns the folder.
 
     features: (N, C) bottlenecks, y: (N,) class indices, paths: N image paths, parts: split name
     -> indices into them; head: the trained final layer (retrain.head.Head) for the weight
     histograms and PR curves (skipped when None).
     """
-    require()
     root = Path(summaries_dir)
     root.mkdir(parents=True, exist_ok=True)
     labels = report["labels"]
@@ -169,7 +155,7 @@ def write_summaries(summaries_dir, report: dict, *, features: np.ndarray, y: np.
         tw.close()
         vw.close()
 
-    if embedding and len(y):
+    if len(y):
         keep = _sample(np.asarray(y), EMBED_MAX)
         split_of = np.empty(len(y), dtype=object)
         split_of[:] = "unused"
