@@ -15,6 +15,7 @@ import sys
 
 from retrain import __version__
 from retrain.errors import ConfigError, RetrainError, did_you_mean
+from retrain.interrupt import ctrl_c_outside_imports
 
 # name: (module, one-line description)
 COMMANDS = {
@@ -131,56 +132,13 @@ def parse(argv: list[str]):
     return module, args
 
 
-class _CtrlCOutsideImports:
-    """While a command runs, Ctrl-C raises KeyboardInterrupt as usual, except inside an import:
-    there it is raised 20 ms later (or when the command ends, if that is sooner). An interrupt
-    in the middle of importlib can leave Python's import lock held, and retrain's background
-    threads (which import and compile while the photos are hashed and decoded) would then wait
-    for it forever instead of letting the process end."""
-
-    def __enter__(self):
-        import signal
-        import threading
-
-        self.old, self.deferred = None, None
-        if threading.current_thread() is threading.main_thread() \
-                and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            self.old = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def __exit__(self, exc_type, *_):
-        import signal
-
-        if self.old is None:
-            return
-        signal.signal(signal.SIGINT, self.old)
-        if self.deferred is not None:
-            self.deferred.cancel()
-            if exc_type is None:
-                raise KeyboardInterrupt  # pressed while the command ran: say so, as ever
-
-    def _handler(self, signum, frame):
-        import os
-        import threading
-
-        self.deferred = None
-        f = frame
-        while f is not None:
-            if f.f_code.co_filename.startswith("<frozen importlib"):
-                self.deferred = threading.Timer(0.02, os.kill, (os.getpid(), signum))
-                self.deferred.start()
-                return
-            f = f.f_back
-        raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="surrogateescape")  # file names that are not UTF-8 print as-is
     try:
         module, args = parse(argv)
-        with _CtrlCOutsideImports():
+        with ctrl_c_outside_imports():
             return int(module.main(args) or 0)
     except RetrainError as e:
         print(f"error: {e}", file=sys.stderr)
