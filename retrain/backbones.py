@@ -20,6 +20,7 @@ from pathlib import Path
 
 from retrain.errors import ConfigError, MissingDependency, did_you_mean
 from retrain.files import cache_root, sha256_file
+from retrain.progress import Log
 
 # Bump when the exported graph changes (export code, opset, pooling): invalidates caches.
 BACKBONE_SCHEMA = 1
@@ -75,7 +76,7 @@ class Backbone:
 
 
 # Bottleneck precisions. bf16 runs the fp32 graph on OpenVINO with bf16 matrix units (see
-# retrain.runtime); int8 is a statically quantized graph (quantize_int8) run by ONNX Runtime.
+# retrain.runtime); int8 is a statically quantized graph (quantize_backbone_int8) run by ONNX Runtime.
 PRECISIONS = ("fp32", "bf16", "int8")
 CALIBRATION_DIR = Path(__file__).parent / "calibration"
 
@@ -207,53 +208,61 @@ def export_onnx(module, path: Path, size: int, *, output_name: str = "features")
                           opset_version=OPSET, dynamo=False)
 
 
-def features_onnx(bb: Backbone, *, precision: str = "fp32", log=print) -> Path:
+def features_onnx(bb: Backbone, *, precision: str = "fp32", log=None) -> Path:
     """Path of the cached feature-extractor ONNX for `bb`; exported and verified on first use.
 
     The export is checked against PyTorch on random input (max abs difference < 1e-3) before
     it is kept. The file name carries the fingerprint, so any change makes a new one.
-    precision "int8": the fp32 graph statically quantized (see quantize_int8); "bf16": the fp32
+    precision "int8": the fp32 graph statically quantized (see quantize_backbone_int8); "bf16": the fp32
     graph (bf16 is how OpenVINO runs it, not a different file).
     """
+    log = log or Log.silent()
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}."
                           f"{did_you_mean(precision, PRECISIONS)}")
     if precision == "int8":
-        return quantize_int8(bb, features_onnx(bb, log=log), log=log)
+        return quantize_backbone_int8(bb, features_onnx(bb, log=log), log=log)
     out = cache_root() / "backbones" / f"{bb.name}-{bb.fingerprint()}.onnx"
     if out.is_file():
         return out
     log(f"Exporting {bb.name} to ONNX once (cached in {out.parent}) ...")
+    export_checked(feature_module(build_torch(bb)), out, bb.image_size, expect=(bb.feature_dim,),
+                   sidecar={**asdict(bb), "fingerprint": bb.fingerprint()})
+    return out
+
+
+def export_checked(module, out: Path, size: int, *, output_name: str = "features", expect=None,
+                   sidecar: dict | None = None) -> None:
+    """Export `module` (N,3,size,size) -> (N, ...) to `out`, kept only if ONNX Runtime agrees with
+    PyTorch on random input (max abs difference < 1e-3) and the output shape is (N, *expect).
+    Written atomically; `sidecar` (plus the parity and torch version) goes to out.json."""
     import numpy as np
     import onnxruntime as ort
     import torch
 
-    torch.manual_seed(0)
-    module = feature_module(build_torch(bb))
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".part-", suffix=".onnx")
     os.close(fd)
     try:
-        export_onnx(module, Path(tmp), bb.image_size)
-        x = torch.randn(3, 3, bb.image_size, bb.image_size)
+        export_onnx(module, Path(tmp), size, output_name=output_name)
+        x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             ref = module(x).numpy()
-        sess = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
-        got = sess.run(None, {"input": x.numpy()})[0]
+        got = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
         diff = float(np.abs(got - ref).max())
-        if got.shape != (3, bb.feature_dim) or diff > 1e-3:
-            raise RuntimeError(f"ONNX export of {bb.name} disagrees with PyTorch (max diff {diff:.2e})")
-        with open(out.with_suffix(".json"), "w") as f:
-            json.dump({**asdict(bb), "fingerprint": bb.fingerprint(), "parity_max_abs_diff": diff,
-                       "torch": torch.__version__}, f, indent=1)
+        if got.shape != ref.shape or (expect is not None and got.shape[1:] != tuple(expect)) or diff > 1e-3:
+            raise RuntimeError(f"ONNX export to {out.name} disagrees with PyTorch (max diff {diff:.2e}, "
+                               f"shape {got.shape})")
+        if sidecar is not None:
+            with open(out.with_suffix(".json"), "w") as f:
+                json.dump({**sidecar, "parity_max_abs_diff": diff, "torch": torch.__version__}, f, indent=1)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return out
 
 
-def quantize_int8(bb: Backbone, fp32_path: Path, *, log=print) -> Path:
+def quantize_backbone_int8(bb: Backbone, fp32_path: Path, *, log=None) -> Path:
     """Static int8 quantization (QOperator, per-channel weights, uint8 activations) of the
     feature extractor, calibrated on the fixed photos shipped in retrain/calibration, so the
     int8 bottlenecks of an image never depend on which data set came first. Checked against
@@ -261,6 +270,7 @@ def quantize_int8(bb: Backbone, fp32_path: Path, *, log=print) -> Path:
     out = cache_root() / "backbones" / f"{bb.name}-{bb.fingerprint('int8')}-int8.onnx"
     if out.is_file():
         return out
+    log = log or Log.silent()
     log(f"Quantizing {bb.name} to int8 once (calibrated on {len(calibration_files())} photos) ...")
     import numpy as np
     import onnxruntime as ort

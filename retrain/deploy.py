@@ -163,7 +163,7 @@ def optimize_for_quantization(src: Path, dst: Path, log=None) -> Path:
         return src
 
 
-def quantize_int8(src: Path, dst: Path, calibration: np.ndarray, *, mean, std, quant_format: str = "qdq",
+def quantize_model_int8(src: Path, dst: Path, calibration: np.ndarray, *, mean, std, quant_format: str = "qdq",
                   per_channel: bool = True, method: str = "minmax", quiet: bool = True, log=None) -> dict:
     """Static int8 quantization of `src` calibrated on uint8 images (n, H, W, 3). Returns its settings.
 
@@ -317,7 +317,7 @@ def export(run, fmt: str = "onnx", output=None, *, tolerance: float = 1.0, max_p
                 raise DataError(f"no training photos could be read under {root} for int8 calibration")
             log(f"Quantizing to int8 ({quant_format.upper()}, per-{'channel' if per_channel else 'tensor'}, "
                 f"{calibration_method} calibration on {len(C)} training photos)")
-            extra["quantization"] = quantize_int8(src, cand, C, mean=ref.mean, std=ref.std, quant_format=quant_format,
+            extra["quantization"] = quantize_model_int8(src, cand, C, mean=ref.mean, std=ref.std, quant_format=quant_format,
                                                   per_channel=per_channel, method=calibration_method,
                                                   quiet=quiet, log=log)
         else:

@@ -124,38 +124,16 @@ def make_tail(model, start: int):
     return Tail(model)
 
 
-def prefix_onnx(bb, start: int, *, log=print) -> Path:
+def prefix_onnx(bb, start: int, *, log=None) -> Path:
     """The frozen prefix exported to ONNX once (cached; checked against PyTorch)."""
-    import tempfile
-
-    from retrain.backbones import build_torch, export_onnx
+    from retrain.backbones import build_torch, export_checked
     from retrain.files import cache_root
 
     out = cache_root() / "backbones" / f"{bb.name}-{bb.fingerprint()}-prefix{start}.onnx"
-    if out.is_file():
-        return out
-    torch = _torch()
-    import onnxruntime as ort
-
-    log(f"Exporting the frozen part of {bb.name} (blocks 0-{start - 1}) to ONNX once ...")
-    module = make_prefix(build_torch(bb), start)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".part-", suffix=".onnx")
-    os.close(fd)
-    try:
-        export_onnx(module, Path(tmp), bb.image_size, output_name="activations")
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(2, 3, bb.image_size, bb.image_size, generator=g)
-        with torch.no_grad():
-            ref = module(x).numpy()
-        got = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
-        diff = float(np.abs(got - ref).max())
-        if got.shape != ref.shape or diff > 1e-3:
-            raise RuntimeError(f"ONNX export of the {bb.name} prefix disagrees with PyTorch (max diff {diff:.2e})")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    if not out.is_file():
+        if log:
+            log(f"Exporting the frozen part of {bb.name} (blocks 0-{start - 1}) to ONNX once ...")
+        export_checked(make_prefix(build_torch(bb), start), out, bb.image_size, output_name="activations")
     return out
 
 
@@ -172,7 +150,7 @@ def activation_shape(bb, start: int) -> tuple[int, int, int]:
 
 def prefix_activations(items, bb, start: int, cache_dir, *, views: int = 0, distortions=None,
                        view_items=None, provider: str = "auto", batch_size: int = 32, workers=None,
-                       quiet=False, log=print):
+                       quiet=False, log=None):
     """Prefix activations of each item's centre view and of the distorted views of `view_items`.
 
     view_items: indices of the items that get distorted views (the training images).
@@ -260,180 +238,76 @@ def lr_at(step: int, total: int, warmup: int) -> float:
 
 
 def fine_tune(cfg, bb, items, y, parts, *, W0, b0, views=0, distortions=None, cache_dir,
-              checkpoint: Path, log=print) -> FineTuneResult:
-    """Fine-tune the last `cfg.unfreeze` blocks and the head (initialised at W0, b0)."""
+              checkpoint: Path, log=None) -> FineTuneResult:
+    """Fine-tune the last `cfg.unfreeze` blocks and the head (initialised at W0, b0) on the
+    cached activations of the frozen part; keep the best epoch on validation."""
+    from retrain.progress import Log
+
+    log = log or Log.silent()
     torch = _torch()
     from retrain.backbones import build_torch
-    from retrain.progress import bar
-    from retrain.runtime import cpu_has_bf16
 
-    k = int(W0.shape[1])
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    threads = os.cpu_count() or 1
-    torch.set_num_threads(threads)
+    torch.set_num_threads(os.cpu_count() or 1)
     device = pick_device(cfg.provider)
     model = build_torch(bb)
-    unfreeze = cfg.unfreeze
-    start = split_point(model, unfreeze)
-    # channels_last: oneDNN's fast path for these 1x1 and depthwise convolutions (2-3x on CPU).
-    tail = make_tail(model, start).to(device, memory_format=torch.channels_last)
-    head = torch.nn.Linear(W0.shape[0], k).to(device)
-    drop = torch.nn.Dropout(DROPOUT)
-    with torch.no_grad():
-        head.weight.copy_(torch.from_numpy(np.ascontiguousarray(W0.T)))
-        head.bias.copy_(torch.from_numpy(np.ascontiguousarray(b0)))
-
+    start = split_point(model, cfg.unfreeze)
+    net = Trainable.build(model, start, W0, b0, device)
     log(f"Fine-tuning: blocks {start}-{len(model._blocks) - 1} and the head unfrozen, on {device}")
     centre, vws, shape, t_act = prefix_activations(
         items, bb, start, cache_dir, views=views, distortions=distortions, view_items=parts["train"],
-        provider=cfg.provider,
-        batch_size=cfg.batch_size, workers=cfg.workers or None, quiet=cfg.quiet, log=log)
+        provider=cfg.provider, batch_size=cfg.batch_size, workers=cfg.workers or None, quiet=cfg.quiet, log=log)
     if t_act.get("computed"):
         log(f"Frozen-part activations: {t_act['computed']} computed in {t_act.get('seconds', 0):.1f} s, "
             f"{t_act['cached']} from cache")
+    data = ActivationData.build(centre, vws, shape, y, parts, device)
+    use_bf16 = device == "cpu" and _cpu_has_bf16() and not cfg.fine_tune_fp32
+    amp = autocast(device, use_bf16)
+    k = int(W0.shape[1])
+    opt, head_lr = make_optimizer(net, cfg)
+    loss_fn = make_loss(cfg, y[parts["train"]], k, device)
+    sched = Schedule.of(cfg.epochs, len(parts["train"]))
+    sig = _signature(cfg, start, k, len(parts["train"]), views, distortions)
 
-    tr, va = parts["train"], parts["validation"]
-    # Training pool per image: the centre view plus its distorted views (NaN rows dropped).
-    pool = [centre[tr][:, None]] + ([vws] if vws is not None else [])
-    pool = np.concatenate(pool, axis=1)  # (n_train, 1 + V, D)
-    good = np.isfinite(pool).all(axis=2)  # (n_train, 1 + V)
-    ytr = torch.from_numpy(y[tr]).to(device)
-    Xva = torch.from_numpy(centre[va].astype(np.float32).reshape(-1, *shape)).to(
-        device, memory_format=torch.channels_last)
-    yva = torch.from_numpy(y[va]).to(device)
-
-    use_bf16 = device == "cpu" and cpu_has_bf16() and not cfg.fine_tune_fp32
-    amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if use_bf16 else (
-        (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" else torch.autocast("cpu", enabled=False))
-
-    head_lr = cfg.learning_rate if cfg.learning_rate is not None else HEAD_LR
-    opt = torch.optim.AdamW([{"params": tail.parameters(), "lr": head_lr * TAIL_LR_FACTOR},
-                             {"params": head.parameters(), "lr": head_lr}], weight_decay=WEIGHT_DECAY)
-    base_lrs = [g["lr"] for g in opt.param_groups]
-    if cfg.class_weights == "balanced":
-        counts = np.bincount(y[tr], minlength=k).astype(np.float32)
-        cw = torch.from_numpy(len(tr) / (k * np.maximum(counts, 1))).to(device)
-    else:
-        cw = None
-    loss_fn = torch.nn.CrossEntropyLoss(weight=cw, label_smoothing=LABEL_SMOOTHING)
-    epochs = cfg.epochs
-    steps_per_epoch = max(1, math.ceil(len(tr) / BATCH))
-    total, warmup = epochs * steps_per_epoch, min(WARMUP_EPOCHS * steps_per_epoch, epochs * steps_per_epoch // 2 or 1)
-    sig = _signature(cfg, start, k, len(tr), views, distortions)
-
-    def evaluate():
-        """Validation accuracy and calibrated cross entropy (after the best temperature).
-
-        Calibrated, because label smoothing makes the fine-tuned model less sure of itself
-        than the initial head: raw cross entropy would penalise that, though a temperature
-        (fitted afterwards anyway) undoes it.
-        """
-        from retrain.calibrate import fit_temperature, nll
-
-        tail.eval()
-        outs = []
-        with torch.no_grad(), amp():
-            for s in range(0, len(Xva), 256):
-                outs.append(head(tail(Xva[s:s + 256])).float())
-        if not len(yva):
-            return float("nan"), float("nan")
-        z = torch.cat(outs).cpu().numpy().astype(np.float64)
-        yv = yva.cpu().numpy()
-        acc = float((z.argmax(1) == yv).mean())
-        return acc, nll(z, yv, fit_temperature(z, yv))
-
-    epoch0, history = 0, []
-    acc0, ce0 = evaluate()
-    best = {"epoch": 0, "validation_calibrated_cross_entropy": ce0, "validation_accuracy": acc0,
-            "tail": {n: t.detach().cpu().clone() for n, t in tail.state_dict().items()},
-            "head": {n: t.detach().cpu().clone() for n, t in head.state_dict().items()}}
+    acc0, ce0 = validate(net, data, amp)
+    best, history, epoch0 = snapshot(net, 0, acc0, ce0), [], 0
     log(f"  before fine-tuning: validation accuracy {acc0:.1%} (calibrated cross entropy {ce0:.4f})")
     if cfg.resume:
-        if not checkpoint.is_file():
-            raise ConfigError(f"--resume: no fine-tuning checkpoint at {checkpoint}; run without --resume")
-        ck = torch.load(checkpoint, map_location=device, weights_only=True)
-        if ck.get("signature") != sig:
-            raise ConfigError(f"--resume: the checkpoint {checkpoint} was made with other data or settings; "
-                              "run without --resume to start afresh")
-        tail.load_state_dict(ck["tail"])
-        head.load_state_dict(ck["head"])
-        opt.load_state_dict(ck["optimizer"])
-        best = ck["best"]
-        history = ck["history"]
-        epoch0 = int(ck["epoch"])
+        best, history, epoch0 = resume(checkpoint, sig, net, opt, device)
         rng = np.random.default_rng([cfg.seed, epoch0])
         torch.manual_seed(cfg.seed + epoch0)
         log(f"  resumed after epoch {epoch0} from {checkpoint}")
 
     # Early stopping counts only in the second half: warm-up, mixup and dropout make the first
     # epochs look worse than the initial head on validation (measured on the flowers).
-    first_counted = epochs // 2 + 1
+    first_counted = cfg.epochs // 2 + 1
     stale = sum(1 for h in history[::-1][:PATIENCE] if h["epoch"] > best["epoch"] and h["epoch"] >= first_counted)
-    for epoch in range(epoch0 + 1, epochs + 1):
+    for epoch in range(epoch0 + 1, cfg.epochs + 1):
         if stale >= PATIENCE:
             log(f"  stopping early: no better calibrated validation cross entropy for {PATIENCE} epochs")
             break
         t0 = time.perf_counter()
-        tail.train()
-        order = rng.permutation(len(tr))
-        seen = loss_sum = 0.0
-        for s in bar(range(steps_per_epoch), desc=f"Epoch {epoch}/{epochs}", unit="batch", quiet=cfg.quiet):
-            step = (epoch - 1) * steps_per_epoch + s
-            for g, base in zip(opt.param_groups, base_lrs):
-                g["lr"] = base * lr_at(step, total, warmup)
-            idx = order[s * BATCH:(s + 1) * BATCH]
-            # One random cached view of each image (the centre view when its views failed).
-            choice = np.array([rng.choice(np.nonzero(good[i])[0]) for i in idx])
-            xb = torch.from_numpy(pool[idx, choice].astype(np.float32).reshape(-1, *shape)).to(
-                device, memory_format=torch.channels_last)
-            yb = ytr[idx]
-            lam = float(rng.beta(MIXUP_ALPHA, MIXUP_ALPHA)) if MIXUP_ALPHA > 0 else 1.0
-            if lam < 1.0:  # mix each activation map with another image's; the loss mixes labels alike
-                perm = torch.from_numpy(rng.permutation(len(idx))).to(device)
-                xb = lam * xb + (1 - lam) * xb[perm]
-            with amp():
-                z = head(drop(tail(xb))).float()
-                loss = loss_fn(z, yb) if lam == 1.0 else lam * loss_fn(z, yb) + (1 - lam) * loss_fn(z, yb[perm])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            seen += len(idx)
-            loss_sum += float(loss.detach()) * len(idx)
-        acc, ce = evaluate()
-        h = {"epoch": epoch, "train_loss": round(loss_sum / max(seen, 1), 5), "validation_accuracy": acc,
+        train_loss = train_one_epoch(net, data, opt, loss_fn, amp, sched, epoch, rng, quiet=cfg.quiet)
+        acc, ce = validate(net, data, amp)
+        h = {"epoch": epoch, "train_loss": round(train_loss, 5), "validation_accuracy": acc,
              "validation_calibrated_cross_entropy": ce, "seconds": round(time.perf_counter() - t0, 2)}
         history.append(h)
         log(f"  epoch {epoch}: train loss {h['train_loss']:.4f}, validation accuracy {acc:.1%} "
             f"(calibrated cross entropy {ce:.4f}), {h['seconds']:.1f} s")
         if ce < best["validation_calibrated_cross_entropy"]:
-            best = {"epoch": epoch, "validation_calibrated_cross_entropy": ce, "validation_accuracy": acc,
-                    "tail": {n: t.detach().cpu().clone() for n, t in tail.state_dict().items()},
-                    "head": {n: t.detach().cpu().clone() for n, t in head.state_dict().items()}}
-            stale = 0
+            best, stale = snapshot(net, epoch, acc, ce), 0
         elif epoch >= first_counted:
             stale += 1
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        tmp = checkpoint.with_name(checkpoint.name + ".part")
-        torch.save({"signature": sig, "epoch": epoch, "tail": tail.state_dict(), "head": head.state_dict(),
-                    "optimizer": opt.state_dict(), "best": best, "history": history}, tmp)
-        os.replace(tmp, checkpoint)
+        save_checkpoint(checkpoint, sig=sig, epoch=epoch, net=net, opt=opt, best=best, history=history)
 
     # The best epoch on validation, in fp32, gives the features of every image.
-    tail.load_state_dict(best["tail"])
-    head.load_state_dict(best["head"])
-    tail.eval()
-    feats = np.full((len(items), W0.shape[0]), np.nan, np.float32)
-    okrows = np.nonzero(np.isfinite(centre).all(1))[0]
-    with torch.no_grad():
-        for s in range(0, len(okrows), 256):
-            r = okrows[s:s + 256]
-            xr = torch.from_numpy(centre[r].astype(np.float32).reshape(-1, *shape)).to(
-                device, memory_format=torch.channels_last)
-            feats[r] = tail(xr).float().cpu().numpy()
-    W = head.weight.detach().cpu().numpy().T.astype(np.float32)
-    b = head.bias.detach().cpu().numpy().astype(np.float32)
-    info = {"unfreeze": unfreeze, "first_unfrozen_block": start, "device": device,
+    net.tail.load_state_dict(best["tail"])
+    net.head.load_state_dict(best["head"])
+    feats = pooled_features(net, centre, shape, W0.shape[0])
+    W = net.head.weight.detach().cpu().numpy().T.astype(np.float32)
+    b = net.head.bias.detach().cpu().numpy().astype(np.float32)
+    info = {"unfreeze": cfg.unfreeze, "first_unfrozen_block": start, "device": device,
             "precision": "bf16 autocast" if use_bf16 else "fp32", "epochs_run": len(history),
             "best_epoch": best["epoch"], "head_learning_rate": head_lr,
             "tail_learning_rate": head_lr * TAIL_LR_FACTOR, "weight_decay": WEIGHT_DECAY,
@@ -441,6 +315,213 @@ def fine_tune(cfg, bb, items, y, parts, *, W0, b0, views=0, distortions=None, ca
             "batch_size": BATCH, "patience": PATIENCE,
             "activations": t_act, "views_per_image": views}
     return FineTuneResult({n: t.cpu() for n, t in best["tail"].items()}, W, b, feats, start, history, info)
+
+
+# ------------------------------------------------------------------------ the stages of fine_tune
+
+def _cpu_has_bf16() -> bool:
+    from retrain.runtime import cpu_has_bf16
+
+    return cpu_has_bf16()
+
+
+@dataclasses.dataclass
+class Trainable:
+    """The parts that learn: the unfrozen tail, dropout, the head."""
+
+    tail: object
+    drop: object
+    head: object
+    device: str
+
+    @classmethod
+    def build(cls, model, start: int, W0, b0, device: str) -> "Trainable":
+        torch = _torch()
+        # channels_last: oneDNN's fast path for these 1x1 and depthwise convolutions (2-3x on CPU).
+        tail = make_tail(model, start).to(device, memory_format=torch.channels_last)
+        head = torch.nn.Linear(W0.shape[0], W0.shape[1]).to(device)
+        drop = torch.nn.Dropout(DROPOUT)
+        with torch.no_grad():
+            head.weight.copy_(torch.from_numpy(np.ascontiguousarray(W0.T)))
+            head.bias.copy_(torch.from_numpy(np.ascontiguousarray(b0)))
+        return cls(tail, drop, head, device)
+
+
+@dataclasses.dataclass
+class ActivationData:
+    """Cached activations at the split point, as training and validation read them."""
+
+    pool: np.ndarray  # (n_train, 1 + V, D) float16: the centre view and the distorted ones
+    good: np.ndarray  # (n_train, 1 + V) bool: views that could be read
+    ytr: object  # torch (n_train,)
+    Xva: object  # torch (n_val, C, h, w), channels last
+    yva: object  # torch (n_val,)
+    shape: tuple  # (C, h, w)
+
+    @classmethod
+    def build(cls, centre, vws, shape, y, parts, device) -> "ActivationData":
+        torch = _torch()
+        tr, va = parts["train"], parts["validation"]
+        pool = np.concatenate([centre[tr][:, None]] + ([vws] if vws is not None else []), axis=1)
+        Xva = torch.from_numpy(centre[va].astype(np.float32).reshape(-1, *shape)).to(
+            device, memory_format=torch.channels_last)
+        return cls(pool, np.isfinite(pool).all(axis=2), torch.from_numpy(y[tr]).to(device), Xva,
+                   torch.from_numpy(y[va]).to(device), tuple(shape))
+
+
+@dataclasses.dataclass
+class Schedule:
+    """Steps of the run: linear warm-up for WARMUP_EPOCHS, then cosine decay (lr_at)."""
+
+    epochs: int
+    steps_per_epoch: int
+    total: int
+    warmup: int
+
+    @classmethod
+    def of(cls, epochs: int, n_train: int) -> "Schedule":
+        spe = max(1, math.ceil(n_train / BATCH))
+        total = epochs * spe
+        return cls(epochs, spe, total, min(WARMUP_EPOCHS * spe, total // 2 or 1))
+
+
+def autocast(device: str, bf16: bool):
+    """A context factory: bf16 autocast where the hardware has it, else a no-op."""
+    torch = _torch()
+    if bf16:
+        return lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    if device == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return lambda: torch.autocast("cpu", enabled=False)
+
+
+def make_optimizer(net: Trainable, cfg):
+    """AdamW, the tail at TAIL_LR_FACTOR of the head's rate. Returns (optimizer, head rate)."""
+    torch = _torch()
+    head_lr = cfg.learning_rate if cfg.learning_rate is not None else HEAD_LR
+    opt = torch.optim.AdamW([{"params": net.tail.parameters(), "lr": head_lr * TAIL_LR_FACTOR},
+                             {"params": net.head.parameters(), "lr": head_lr}], weight_decay=WEIGHT_DECAY)
+    for g in opt.param_groups:
+        g["base_lr"] = g["lr"]
+    return opt, head_lr
+
+
+def make_loss(cfg, ytr: np.ndarray, k: int, device: str):
+    """Label-smoothed cross entropy, class-balanced with --class-weights balanced."""
+    torch = _torch()
+    cw = None
+    if cfg.class_weights == "balanced":
+        counts = np.bincount(ytr, minlength=k).astype(np.float32)
+        cw = torch.from_numpy(len(ytr) / (k * np.maximum(counts, 1))).to(device)
+    return torch.nn.CrossEntropyLoss(weight=cw, label_smoothing=LABEL_SMOOTHING)
+
+
+def train_one_epoch(net: Trainable, data: ActivationData, opt, loss_fn, amp, sched: Schedule, epoch: int,
+                    rng, *, quiet: bool = False) -> float:
+    """One pass over the training photos (one random cached view each, manifold mixup).
+    Returns the mean training loss."""
+    torch = _torch()
+    from retrain.progress import bar
+
+    net.tail.train()
+    n = len(data.pool)
+    order = rng.permutation(n)
+    seen = loss_sum = 0.0
+    for s in bar(range(sched.steps_per_epoch), desc=f"Epoch {epoch}/{sched.epochs}", unit="batch", quiet=quiet):
+        step = (epoch - 1) * sched.steps_per_epoch + s
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * lr_at(step, sched.total, sched.warmup)
+        idx = order[s * BATCH:(s + 1) * BATCH]
+        # One random cached view of each image (the centre view when its views failed).
+        choice = np.array([rng.choice(np.nonzero(data.good[i])[0]) for i in idx])
+        xb = torch.from_numpy(data.pool[idx, choice].astype(np.float32).reshape(-1, *data.shape)).to(
+            net.device, memory_format=torch.channels_last)
+        yb = data.ytr[idx]
+        lam = float(rng.beta(MIXUP_ALPHA, MIXUP_ALPHA)) if MIXUP_ALPHA > 0 else 1.0
+        if lam < 1.0:  # mix each activation map with another image's; the loss mixes labels alike
+            perm = torch.from_numpy(rng.permutation(len(idx))).to(net.device)
+            xb = lam * xb + (1 - lam) * xb[perm]
+        with amp():
+            z = net.head(net.drop(net.tail(xb))).float()
+            loss = loss_fn(z, yb) if lam == 1.0 else lam * loss_fn(z, yb) + (1 - lam) * loss_fn(z, yb[perm])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        seen += len(idx)
+        loss_sum += float(loss.detach()) * len(idx)
+    return loss_sum / max(seen, 1)
+
+
+def validate(net: Trainable, data: ActivationData, amp) -> tuple[float, float]:
+    """Validation accuracy and calibrated cross entropy (after the best temperature).
+
+    Calibrated, because label smoothing makes the fine-tuned model less sure of itself than the
+    initial head: raw cross entropy would penalise that, though a temperature (fitted
+    afterwards anyway) undoes it.
+    """
+    torch = _torch()
+    from retrain.calibrate import fit_temperature, nll
+
+    net.tail.eval()
+    outs = []
+    with torch.no_grad(), amp():
+        for s in range(0, len(data.Xva), 256):
+            outs.append(net.head(net.tail(data.Xva[s:s + 256])).float())
+    if not len(data.yva):
+        return float("nan"), float("nan")
+    z = torch.cat(outs).cpu().numpy().astype(np.float64)
+    yv = data.yva.cpu().numpy()
+    return float((z.argmax(1) == yv).mean()), nll(z, yv, fit_temperature(z, yv))
+
+
+def snapshot(net: Trainable, epoch: int, acc: float, ce: float) -> dict:
+    """The state to keep as the best so far (copied to the CPU)."""
+    return {"epoch": epoch, "validation_calibrated_cross_entropy": ce, "validation_accuracy": acc,
+            "tail": {n: t.detach().cpu().clone() for n, t in net.tail.state_dict().items()},
+            "head": {n: t.detach().cpu().clone() for n, t in net.head.state_dict().items()}}
+
+
+def save_checkpoint(path: Path, *, sig, epoch, net: Trainable, opt, best, history) -> None:
+    """Tensors and plain values only (loaded back with weights_only=True), written atomically."""
+    torch = _torch()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    torch.save({"signature": sig, "epoch": epoch, "tail": net.tail.state_dict(), "head": net.head.state_dict(),
+                "optimizer": opt.state_dict(), "best": best, "history": history}, tmp)
+    os.replace(tmp, path)
+
+
+def resume(path: Path, sig: str, net: Trainable, opt, device: str):
+    """Load an interrupted run's checkpoint into net and opt. Returns (best, history, epoch)."""
+    torch = _torch()
+    if not path.is_file():
+        raise ConfigError(f"--resume: no fine-tuning checkpoint at {path}; run without --resume")
+    ck = torch.load(path, map_location=device, weights_only=True)
+    if ck.get("signature") != sig:
+        raise ConfigError(f"--resume: the checkpoint {path} was made with other data or settings; "
+                          "run without --resume to start afresh")
+    net.tail.load_state_dict(ck["tail"])
+    net.head.load_state_dict(ck["head"])
+    base = [g["base_lr"] for g in opt.param_groups]
+    opt.load_state_dict(ck["optimizer"])
+    for g, b in zip(opt.param_groups, base):
+        g["base_lr"] = b
+    return ck["best"], ck["history"], int(ck["epoch"])
+
+
+def pooled_features(net: Trainable, centre: np.ndarray, shape, dim: int) -> np.ndarray:
+    """(n, dim) float32 features of every photo's centre view through the tail (NaN rows kept)."""
+    torch = _torch()
+    net.tail.eval()
+    feats = np.full((len(centre), dim), np.nan, np.float32)
+    okrows = np.nonzero(np.isfinite(centre).all(1))[0]
+    with torch.no_grad():
+        for s in range(0, len(okrows), 256):
+            r = okrows[s:s + 256]
+            xr = torch.from_numpy(centre[r].astype(np.float32).reshape(-1, *shape)).to(
+                net.device, memory_format=torch.channels_last)
+            feats[r] = net.tail(xr).float().cpu().numpy()
+    return feats
 
 
 # ------------------------------------------------------------------------ export
