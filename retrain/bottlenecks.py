@@ -8,9 +8,15 @@ changes start a new one):
                                                           (float16 for fine-tuning activations),
                                                           check = BLAKE2b of both
 Shards are written atomically, about one a second while features are computed and once more
-when extraction stops for any reason (Ctrl-C included), so kill -9 loses at most the last
-second of work. A shard that fails its checksum or cannot be read is deleted and its images
-are recomputed. Many small shards are compacted into one on the next run.
+when extraction stops for any reason (Ctrl-C included), so kill -9 loses at most about the
+last second of work (the features added since the last shard, plus the batches still in the
+engine). A shard that fails its checksum or cannot be read is deleted and its images are
+recomputed. Many small shards are compacted into one on the next run.
+
+Several processes may share one cache folder (two `retrain fit` at once): each writes its own
+shards, and compaction deletes only the shards the compacting process itself loaded or wrote,
+after their features are safely in the merged shard, never one written meanwhile by another.
+A cache folder that is full, read-only or not a folder is a ConfigError saying so.
 
 Extraction is a pipeline: worker threads decode and resize JPEGs (Pillow releases the GIL)
 while the inference engine runs earlier batches (OpenVINO: several at once).
@@ -18,6 +24,7 @@ while the inference engine runs earlier batches (OpenVINO: several at once).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -68,39 +75,77 @@ class BottleneckCache:
         self.dtype = np.dtype(dtype)
         self.dim = backbone.feature_dim
         suffix = "" if precision == "fp32" else f"-{precision}"
-        self.folder = (Path(cache_dir).expanduser()
-                       / f"{backbone.name}-{backbone.fingerprint(precision)}{suffix}")
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.root = Path(cache_dir).expanduser()
+        self.folder = self.root / f"{backbone.name}-{backbone.fingerprint(precision)}{suffix}"
         self.log = log or (lambda m: None)
         self.meta = {"schema": CACHE_SCHEMA, "backbone": backbone.name, "precision": precision,
                      "fingerprint": backbone.fingerprint(precision), "preprocessing": backbone.preprocessing(),
                      "weights_sha256": backbone.sha256, "dtype": self.dtype.name, "dim": self.dim}
-        meta_path = self.folder / "meta.json"
-        old = None
-        if meta_path.is_file():
-            try:
-                old = json.loads(meta_path.read_text())
-            except (OSError, ValueError):
-                old = None
-        if old != self.meta:
-            if old is not None:
-                self.log(f"bottleneck cache {self.folder} was made differently: starting it afresh")
-                for p in self.folder.glob("shard-*.npz"):
-                    p.unlink()
-            self._atomic_write_text(meta_path, json.dumps(self.meta, indent=1, sort_keys=True))
         self._arrays: list[np.ndarray] = []
         self._index: dict[bytes, tuple[int, int]] = {}
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []  # added, not yet on disk
+        self._mine: set[Path] = set()  # shards this instance loaded or wrote: all compact() may delete
         self._written_at = time.monotonic()
         self.damaged = 0
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._check_writable()
+            self._check_meta()
+        except OSError as e:
+            raise self._error(e) from None
         self._load()
+
+    def _error(self, e: OSError) -> ConfigError:
+        """A system error on the cache folder as one line: what was found and what to do."""
+        what = e.strerror or str(e)
+        where = f"the bottleneck cache folder {self.root}"
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return ConfigError(f"{where} is full ({what}): free space or pass --cache-dir elsewhere")
+        if e.errno == errno.EROFS:
+            return ConfigError(f"{where} is read-only ({what}): make it writable or pass --cache-dir elsewhere")
+        if e.errno in (errno.EACCES, errno.EPERM):
+            return ConfigError(f"{where} is not writable ({what}): make it writable or pass --cache-dir elsewhere")
+        if e.errno in (errno.ENOTDIR, errno.EEXIST):
+            p = self.folder
+            while not p.exists() and p != p.parent:
+                p = p.parent
+            if p.exists() and not p.is_dir():
+                return ConfigError(f"{where} cannot be made: {p} is a file, not a folder; pass --cache-dir a "
+                                   "folder (or a path where one can be made)")
+        return ConfigError(f"{where} cannot be written ({what}): pass --cache-dir elsewhere")
+
+    def _check_writable(self) -> None:
+        """Fail now, before any work, where the folder exists but nothing can be written to it."""
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-probe-")
+        os.close(fd)
+        os.unlink(tmp)
+
+    def _check_meta(self) -> None:
+        meta_path = self.folder / "meta.json"
+        try:
+            # meta.json is only ever replaced atomically, so a concurrent writer's is whole or absent;
+            # one that cannot be read or parsed is rewritten, and never a reason to delete shards.
+            old = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            old = None
+        if old == self.meta:
+            return
+        if isinstance(old, dict):
+            self.log(f"bottleneck cache {self.folder} was made differently: starting it afresh")
+            for p in self.folder.glob("shard-*.npz"):
+                p.unlink(missing_ok=True)
+        self._atomic_write_text(meta_path, json.dumps(self.meta, indent=1, sort_keys=True))
 
     @staticmethod
     def _atomic_write_text(path: Path, text: str) -> None:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
     def _load(self) -> None:
         # A process killed mid-write leaves a .tmp- file, never a shard: clear old ones.
@@ -110,23 +155,35 @@ class BottleneckCache:
                     p.unlink()
             except OSError:
                 pass
-        shards = sorted(self.folder.glob("shard-*.npz"))
-        for p in shards:
-            try:
-                with np.load(p, allow_pickle=False) as z:
-                    keys, feats, check = z["keys"], z["feats"], z["check"]
-                ok = (keys.ndim == 2 and keys.shape[1] == 16 and feats.shape == (len(keys), self.dim)
-                      and feats.dtype == self.dtype and np.array_equal(check, _checksum(keys, feats))
-                      and np.isfinite(feats).all())
-            except Exception:  # truncated zip, bad header, missing array: all mean "damaged"
-                ok = False
-            if not ok:
-                self.damaged += 1
-                self.log(f"bottleneck cache shard {p.name} is damaged: recomputing its images")
-                p.unlink(missing_ok=True)
-                continue
-            self._add_array(keys, feats)
-        if len(shards) - self.damaged > COMPACT_OVER:
+        seen: set[Path] = set()
+        for _ in range(8):  # again only where a shard vanished: another process compacted it meanwhile
+            vanished = False
+            for p in sorted(set(self.folder.glob("shard-*.npz")) - seen):
+                seen.add(p)
+                try:
+                    with np.load(p, allow_pickle=False) as z:
+                        keys, feats, check = z["keys"], z["feats"], z["check"]
+                    ok = (keys.ndim == 2 and keys.shape[1] == 16 and feats.shape == (len(keys), self.dim)
+                          and feats.dtype == self.dtype and np.array_equal(check, _checksum(keys, feats))
+                          and np.isfinite(feats).all())
+                except FileNotFoundError:  # merged into a newer shard by another process: read that
+                    vanished = True
+                    continue
+                except Exception:  # truncated zip, bad header, missing array: all mean "damaged"
+                    ok = False
+                if not ok:
+                    self.damaged += 1
+                    self.log(f"bottleneck cache shard {p.name} is damaged: recomputing its images")
+                    try:
+                        p.unlink(missing_ok=True)
+                    except OSError:
+                        pass
+                    continue
+                self._add_array(keys, feats)
+                self._mine.add(p)
+            if not vanished:
+                break
+        if len(self._mine) > COMPACT_OVER:
             self.compact()
 
     def _add_array(self, keys: np.ndarray, feats: np.ndarray) -> None:
@@ -171,29 +228,44 @@ class BottleneckCache:
         self._written_at = time.monotonic()
 
     def _write_shard(self, keys: np.ndarray, feats: np.ndarray) -> Path:
-        name = f"shard-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.npz"
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-", suffix=".npz")
+        """Write one shard atomically (a temporary file, then a rename); on any failure (a full
+        disk) the temporary file is removed and nothing already there is touched."""
+        path = self.folder / f"shard-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.npz"
+        tmp = None
         try:
+            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-", suffix=".npz")
             with os.fdopen(fd, "wb") as fh:
                 np.savez(fh, keys=keys, feats=feats, check=_checksum(keys, feats))
-            os.replace(tmp, self.folder / name)
+            os.replace(tmp, path)
+        except OSError as e:
+            raise self._error(e) from None
         finally:
-            if os.path.exists(tmp):
+            if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
-        return self.folder / name
+        self._mine.add(path)
+        return path
+
+    def shard_count(self) -> int:
+        """Shards in the folder now (this process's and any other's)."""
+        return len(list(self.folder.glob("shard-*.npz")))
 
     def compact(self) -> None:
-        """Merge all shards into one (written before the old ones are removed)."""
+        """Merge the shards this instance loaded or wrote into one, written before they are
+        removed. Shards another process wrote since are left alone (they are not in memory here)."""
         self.flush()
-        old = sorted(self.folder.glob("shard-*.npz"))
+        old = sorted(self._mine)
         if len(old) <= 1:
             return
         keys = list(self._index)
         k = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 16)
         f = self.get(keys)
-        self._write_shard(k, f)
+        merged = self._write_shard(k, f)
         for p in old:
-            p.unlink(missing_ok=True)
+            try:
+                p.unlink(missing_ok=True)
+            except OSError as e:
+                raise self._error(e) from None
+        self._mine = {merged}
         self._arrays, self._index = [], {}
         self._add_array(k, f)
 
@@ -369,7 +441,7 @@ def extract(items, backbone: Backbone, cache: BottleneckCache, *, provider: str 
         timing.update(t, seconds=round(time.perf_counter() - t0, 3))
         bad = {keys[todo[j]]: r for j, r in fails.items()}
         failures = {it.path: bad[k] for it, k in zip(items, keys) if k in bad}
-        if cache.damaged or len(list(cache.folder.glob("shard-*.npz"))) > COMPACT_OVER:
+        if cache.damaged or cache.shard_count() > COMPACT_OVER:
             cache.compact()
     feats = np.full((len(items), backbone.feature_dim), np.nan, np.float32)
     ok = [i for i, k in enumerate(keys) if k in cache]
@@ -413,7 +485,7 @@ def extract_views(items, views: int, distortions, backbone: Backbone, cache: Bot
         finally:
             cache.flush()
         timing.update(t, seconds=round(time.perf_counter() - t0, 3))
-        if len(list(cache.folder.glob("shard-*.npz"))) > COMPACT_OVER:
+        if cache.shard_count() > COMPACT_OVER:
             cache.compact()
     feats = np.full((len(pairs), backbone.feature_dim), np.nan, np.float32)
     ok = [j for j, k in enumerate(keys) if k in cache]

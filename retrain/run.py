@@ -349,7 +349,7 @@ def is_labels_file(path, max_bytes: int = 1 << 20) -> bool:
 def os_error_message(e: OSError) -> str:
     """One line for a system error while reading or writing the user's files."""
     where = e.filename if e.filename is not None else ""
-    where = os.fsdecode(where) if isinstance(where, bytes) else str(where)
+    where = (os.fsdecode(where) if isinstance(where, bytes) else str(where)) or "the output or cache folder"
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"no space left on the disk that holds {where}: free some space, or write elsewhere " \
                "(--output, --cache-dir); nothing already written was damaged"

@@ -192,3 +192,251 @@ def test_openvino_static_batch_pads_short_batches_and_keeps_order():
     sess.submit(x[3:], "b")
     got = dict(sess.finished(wait=True))
     assert np.allclose(np.concatenate([got["a"], got["b"]]), whole, atol=1e-3)
+
+
+# ------------------------------------------------------------------ a cache shared by several processes
+
+def _made_up(n: int, seed: int):
+    """n distinct 16-byte keys and (n, 1280) float32 features (what a run would cache)."""
+    import hashlib
+
+    keys = [hashlib.blake2b(f"{seed}-{i}".encode(), digest_size=16).digest() for i in range(n)]
+    return keys, np.random.default_rng(seed).standard_normal((n, BB.feature_dim)).astype(np.float32)
+
+
+@pytest.mark.parametrize("first", ["a", "b"])
+def test_compaction_keeps_the_shards_another_process_wrote(tmp_path, first):
+    ka, fa = _made_up(10, 1)
+    kb, fb = _made_up(7, 2)
+    a = BottleneckCache(tmp_path / "c", BB)  # process A has loaded the folder (empty) ...
+    a.add(ka[:5], fa[:5])
+    a.flush()
+    a.add(ka[5:], fa[5:])
+    a.flush()  # ... and written two shards of its own
+    b = BottleneckCache(tmp_path / "c", BB)  # process B starts (it sees A's two shards) ...
+    b.add(kb, fb)
+    b.flush()  # ... and writes one after A loaded
+    for c in ([a, b] if first == "a" else [b, a]):
+        c.compact()  # each merges what it knows and deletes only the shards it loaded or wrote
+    fresh = BottleneckCache(tmp_path / "c", BB)
+    assert fresh.damaged == 0 and len(fresh) == 17
+    assert np.array_equal(fresh.get(ka), fa) and np.array_equal(fresh.get(kb), fb)
+
+
+def test_a_meta_json_that_cannot_be_read_never_deletes_shards(tmp_path):
+    keys, feats = _made_up(4, 3)
+    c = BottleneckCache(tmp_path / "c", BB)
+    c.add(keys, feats)
+    c.flush()
+    meta = c.folder / "meta.json"
+    whole = meta.read_text()
+    for broken in (whole[: len(whole) // 2], "", "null"):  # cut short, empty, not an object
+        meta.write_text(broken)
+        again = BottleneckCache(tmp_path / "c", BB)
+        assert len(again) == 4 and np.array_equal(again.get(keys), feats)
+        assert meta.read_text() == whole  # rewritten whole
+    meta.write_text(whole.replace('"float32"', '"float16"'))  # whole, and made differently: afresh
+    assert len(BottleneckCache(tmp_path / "c", BB)) == 0
+
+
+# Two real `retrain fit` at once on one --cache-dir, shards every 20 ms, compaction over 2 shards.
+SHARE_CACHE = ("import sys, retrain.bottlenecks as b; b.SHARD_SECONDS = 0.02; b.COMPACT_OVER = 2; "
+               "from retrain.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+@pytest.mark.slow
+def test_two_fits_at_once_on_one_cache_keep_all_features(tmp_path):
+    sets = [make_dataset(tmp_path / f"set{i}", per_class=40, seed=i + 1) for i in range(2)]  # 2 x 120 photos
+    cache = tmp_path / "cache"
+    BottleneckCache(cache, BB, precision=choose_precision("auto"))  # the folder exists before both start
+    procs = [subprocess.Popen([sys.executable, "-c", SHARE_CACHE, "fit", str(d), "-o", str(tmp_path / f"run{i}"),
+                               "--cache-dir", str(cache), "--batch-size", "8", "--workers", "1", "-q"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i, d in enumerate(sets)]
+    for p in procs:
+        _out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    fresh = BottleneckCache(cache, BB, precision=choose_precision("auto"))
+    want = {bytes.fromhex(it.digest) for d in sets for it in scan(d, quiet=True).items}
+    assert len(want) == 240 and fresh.damaged == 0
+    assert want <= set(fresh._index), f"{len(want - set(fresh._index))} of 240 features lost"
+
+
+# A process that keeps adding features and compacting (a shard vanishes under a concurrent reader).
+COMPACT_LOOP = """
+import sys, time, numpy as np, retrain.bottlenecks as b
+from retrain.backbones import get_backbone
+bb = get_backbone("efficientnet_lite0")
+rng = np.random.default_rng(0)
+deadline = time.monotonic() + float(sys.argv[2])
+i = 0
+while time.monotonic() < deadline:
+    c = b.BottleneckCache(sys.argv[1], bb)
+    for _ in range(3):
+        c.add([i.to_bytes(16, "big")], rng.standard_normal((1, 1280)).astype(np.float32))
+        c.flush()
+        i += 1
+    c.compact()
+print(i)
+"""
+
+
+def test_a_shard_compacted_away_while_loading_is_not_called_damaged(tmp_path):
+    cache = tmp_path / "c"
+    BottleneckCache(cache, BB)
+    p = subprocess.Popen([sys.executable, "-c", COMPACT_LOOP, str(cache), "3"], stdout=subprocess.PIPE, text=True)
+    loads = damaged = 0
+    deadline = time.monotonic() + 20
+    while p.poll() is None and time.monotonic() < deadline:
+        c = BottleneckCache(cache, BB)
+        loads += 1
+        damaged += c.damaged
+    written = int(p.communicate(timeout=30)[0])
+    assert loads > 5 and damaged == 0, f"{damaged} of {loads} loads saw a shard vanish and called it damaged"
+    fresh = BottleneckCache(cache, BB)
+    assert fresh.damaged == 0 and len(fresh) == written  # nothing lost either
+
+
+# ------------------------------------------------------------------ what kill -9 loses
+
+# The real CLI with the default shard interval (SHARD_SECONDS, 1 s), logging every batch it adds
+# to the cache: the time the add began and ended (the child's monotonic clock) and the count.
+LOG_ADDS = """
+import sys, time, retrain.bottlenecks as b
+add = b.BottleneckCache.add
+def add_and_log(self, keys, feats):
+    t0 = time.monotonic()
+    add(self, keys, feats)
+    print("added", t0, time.monotonic(), len(self), flush=True)
+b.BottleneckCache.add = add_and_log
+from retrain.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _many_photos(tmp_path):
+    """The 2,934 shared flowers where present, else the 60 example photos, each in 20 copies made
+    distinct by bytes after the JPEG's end (1,200 real photos, each with its own digest)."""
+    from conftest import SHARED_FLOWERS
+
+    if SHARED_FLOWERS.is_dir():
+        return SHARED_FLOWERS
+    root = tmp_path / "photos"
+    for src in EXAMPLES.glob("*/*.jpg"):
+        (root / src.parent.name).mkdir(parents=True, exist_ok=True)
+        data = src.read_bytes()
+        for i in range(20):
+            (root / src.parent.name / f"{src.stem}-{i}.jpg").write_bytes(data + i.to_bytes(4, "big"))
+    return root
+
+
+@pytest.mark.slow
+def test_kill_9_loses_at_most_the_last_second_of_work(tmp_path):
+    import threading
+
+    from retrain.bottlenecks import SHARD_SECONDS
+
+    data = _many_photos(tmp_path)
+    cache = tmp_path / "cache"
+    p = subprocess.Popen([sys.executable, "-c", LOG_ADDS, "fit", str(data), "-o", str(tmp_path / "run"),
+                          "--cache-dir", str(cache), "-q"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                         text=True, start_new_session=True)
+    adds = []  # (began, ended, features in the cache after it)
+
+    def read():
+        for line in p.stdout:
+            if line.startswith("added "):
+                adds.append(tuple(float(x) for x in line.split()[1:]))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 240
+    # Kill once the run has added features for 2 shard intervals (so shards were due on the way).
+    while time.monotonic() < deadline and p.poll() is None and \
+            not (adds and adds[-1][1] - adds[0][0] > 2 * SHARD_SECONDS):
+        time.sleep(0.005)
+    if p.poll() is not None:
+        pytest.skip(f"this machine computed all {len(adds) and adds[-1][2]:.0f} features in under "
+                    f"{2 * SHARD_SECONDS} s: too fast to kill mid-way")
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    reader.join(10)
+    on_disk = len(BottleneckCache(cache, BB, precision=choose_precision("auto")))
+    began_last, _, added = adds[-1]  # the last add the run reported (a later one can only add to the disk)
+    # Every add that ended a shard interval before the last one began had reached the disk: what
+    # was lost is at most the features added in the last second (plus the batches in the engine).
+    older = [n for _b, e, n in adds if e < began_last - SHARD_SECONDS]
+    assert older and 0 < older[-1] <= on_disk, (older[-1], on_disk, added)
+    rate = (added - adds[0][2]) / (adds[-1][1] - adds[0][0])  # features per second in this run
+    print(f"kill -9: {added:.0f} added, {on_disk} on disk: lost {(added - on_disk) / rate:.2f} s of work")
+
+
+# ------------------------------------------------------------------ a cache folder that cannot be written
+
+def _fill(cache, data):
+    """A real cache of `data` (the CLI's default precision), and the bytes of its files."""
+    c = BottleneckCache(cache, BB, precision=choose_precision("auto"))
+    extract(scan(data, quiet=True).items, BB, c, quiet=True)
+    return {p: p.read_bytes() for p in c.folder.iterdir()}
+
+
+def _one_error(r, *needles):
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert len(errors) == 1 and r.stderr.rstrip().endswith(errors[0]), r.stderr  # warnings may come first
+    for n in needles:
+        assert n in errors[0], errors[0]
+    return errors[0]
+
+
+def _mount(*args):
+    r = subprocess.run(["mount", *map(str, args)], check=False, capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount here (mount {' '.join(map(str, args))}: {r.stderr.strip()})")
+
+
+def test_a_full_cache_folder_is_one_error_and_damages_nothing(tmp_path):
+    cache = tmp_path / "small"
+    cache.mkdir()
+    _mount("-t", "tmpfs", "-o", "size=200k", "tmpfs", cache)  # room for one small run's features
+    try:
+        before = _fill(cache, make_dataset(tmp_path / "a", per_class=6))  # 18 features: ~95 kB
+        data = make_dataset(tmp_path / "b", per_class=12, seed=1)  # 36 more do not fit
+        r = run_cli("fit", data, "-o", tmp_path / "run", "--cache-dir", cache, "-q", check=False)
+        _one_error(r, f"the bottleneck cache folder {cache} is full (No space left on device): "
+                      "free space or pass --cache-dir elsewhere")
+        folder = next(iter(before)).parent
+        assert all(p.read_bytes() == b for p, b in before.items())  # what was there is untouched,
+        assert not list(folder.glob(".tmp-*"))  # no half-written shard is left behind
+        after = BottleneckCache(cache, BB, precision=choose_precision("auto"))
+        assert after.damaged == 0 and len(after) >= 18  # (a shard written before the disk filled is kept)
+        assert not (tmp_path / "run").exists()
+    finally:
+        subprocess.run(["umount", str(cache)], check=True)
+
+
+def test_a_read_only_cache_folder_is_one_error(tmp_path):
+    cache = tmp_path / "ro"
+    cache.mkdir()
+    before = _fill(cache, make_dataset(tmp_path / "a", per_class=6))
+    _mount("--bind", cache, cache)
+    try:
+        _mount("-o", "remount,ro,bind", cache)  # read-only even for root (unlike chmod)
+        r = run_cli("fit", make_dataset(tmp_path / "b", seed=1), "-o", tmp_path / "run", "--cache-dir", cache,
+                    "-q", check=False)
+        _one_error(r, f"the bottleneck cache folder {cache} is read-only (Read-only file system): "
+                      "make it writable or pass --cache-dir elsewhere")
+        assert {p: p.read_bytes() for p in next(iter(before)).parent.iterdir()} == before
+    finally:
+        subprocess.run(["umount", str(cache)], check=True)
+
+
+@pytest.mark.parametrize("under", ["", "sub"])
+def test_a_cache_dir_that_is_a_file_is_one_error(tmp_path, under):
+    f = tmp_path / "notes.txt"
+    f.write_text("mine\n")
+    cache = f / under if under else f
+    r = run_cli("fit", make_dataset(tmp_path / "a"), "-o", tmp_path / "run", "--cache-dir", cache, "-q", check=False)
+    _one_error(r, f"the bottleneck cache folder {cache} cannot be made: {f} is a file, not a folder; "
+                  "pass --cache-dir a folder")
+    assert f.read_text() == "mine\n"
