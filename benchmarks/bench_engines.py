@@ -61,14 +61,13 @@ def main():
     for prec in precs:
         s = feature_session(bb, precision=prec)
         x = u8 if getattr(s, "takes_uint8", False) else x32
-        name = s.get_inputs()[0].name
         # ONNX Runtime: one batch of 8 at a time on all cores. OpenVINO: batches of 8 on its
         # throughput streams, all in flight at once (what run() does with 64 images).
         batches = [x] if hasattr(s, "submit") else [x[i:i + 8] for i in range(0, 64, 8)]
 
         def run():
             for b in batches:
-                s.run(None, {name: b})
+                s(b)
 
         r = rate(run, 64)
         engine = "OpenVINO" if prec == "bf16" else "ONNX Runtime"

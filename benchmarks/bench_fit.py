@@ -42,7 +42,8 @@ def pick(data: Path, n: int) -> list[Path]:
 
 def bench_retrain(files, tmp, precision="fp32", tag=""):
     from retrain.backbones import get_backbone
-    from retrain.bottlenecks import BottleneckCache, choose_precision, extract, feature_session
+    from retrain.bottlenecks import choose_precision, extract, feature_session
+    from retrain.cache import BottleneckCache
     from retrain.scan import ImageItem, digest_file
 
     bb = get_backbone("efficientnet_lite0")

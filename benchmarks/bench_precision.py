@@ -29,7 +29,8 @@ def main():
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args()
     from retrain.backbones import get_backbone
-    from retrain.bottlenecks import BottleneckCache, choose_precision, extract, feature_session
+    from retrain.bottlenecks import choose_precision, extract, feature_session
+    from retrain.cache import BottleneckCache
     from retrain.scan import scan
     from retrain.split import split_items
     from retrain.head import train_lbfgs

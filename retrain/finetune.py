@@ -159,8 +159,9 @@ def prefix_activations(items, bb, start: int, cache_dir, *, views: int = 0, dist
     Stored in a BottleneckCache of its own (folder named after the split point).
     """
     from retrain import augment, images
-    from retrain.bottlenecks import BottleneckCache, key_of, missing, run_pipeline
-    from retrain.runtime import make_session
+    from retrain.bottlenecks import compute_cached
+    from retrain.cache import BottleneckCache, key_of
+    from retrain.runtime import OnnxEngine, make_session
 
     shape = activation_shape(bb, start)
     dim = int(np.prod(shape))
@@ -175,33 +176,17 @@ def prefix_activations(items, bb, start: int, cache_dir, *, views: int = 0, dist
         i, v = job
         return key_of(items[i].digest, "prefix" if v < 0 else "prefix|" + augment.variant(distortions, v))
 
-    keys = [key(j) for j in jobs]
-    todo = missing(keys, cache)
-    timing = {"cached": len(jobs) - len(todo), "computed": len(todo)}
-    if todo:
-        session = make_session(prefix_onnx(bb, start, log=log), provider=provider)
+    def loader(j):
+        i, v = jobs[j]
+        if v < 0:
+            return images.load(items[i].path, size, crop)
+        return augment.load_view(items[i].path, items[i].digest, v, distortions, size, crop)
 
-        def loader(j):
-            i, v = jobs[j]
-            if v < 0:
-                return images.load(items[i].path, size, crop)
-            return augment.load_view(items[i].path, items[i].digest, v, distortions, size, crop)
-
-        def on_batch(idx, out):
-            cache.add([keys[todo[b]] for b in idx], out.reshape(len(idx), dim))
-
-        t0 = time.perf_counter()
-        try:
-            _f, t = run_pipeline(todo, loader, session, batch_size=batch_size, workers=workers, mean=bb.mean,
-                                 std=bb.std, on_batch=on_batch, desc="Frozen-part activations", quiet=quiet)
-        finally:
-            cache.flush()
-        timing.update(t, seconds=round(time.perf_counter() - t0, 3))
-        cache.compact()
-    feats = np.full((len(jobs), dim), np.nan, np.float16)
-    ok = [j for j, k in enumerate(keys) if k in cache]
-    if ok:
-        feats[ok] = cache.get([keys[j] for j in ok])
+    feats, _fails, timing = compute_cached(
+        [key(j) for j in jobs], loader, lambda: OnnxEngine(make_session(prefix_onnx(bb, start, log=log),
+                                                                          provider=provider)),
+        cache, batch_size=batch_size, workers=workers, mean=bb.mean, std=bb.std,
+        desc="Frozen-part activations", quiet=quiet, out_dtype=np.float16)
     n = len(items)
     centre = feats[:n]
     v = feats[n:].reshape(len(view_items), views, dim) if views else None

@@ -104,7 +104,8 @@ def plan_fit(cfg: FitConfig) -> Plan:
 
 def load_data(plan: Plan, log) -> Data:
     """Scan the folder, compute (or read) every photo's bottleneck, split into train/val/test."""
-    from retrain.bottlenecks import BottleneckCache, default_cache_dir, extract, feature_session
+    from retrain.bottlenecks import extract, feature_session
+    from retrain.cache import BottleneckCache, default_cache_dir
     from retrain.check import quick_check
     from retrain.scan import scan
     from retrain.split import check_class_sizes, split_items
@@ -369,7 +370,7 @@ def export_check_inputs(plan: Plan, data: Data, log):
     from retrain.bottlenecks import feature_session
 
     sess = feature_session(bb, provider="cpu", precision="fp32", log=log)
-    return imgs, idx, sess.run(None, {"input": normalize(imgs, bb.mean, bb.std)})[0]
+    return imgs, idx, sess(normalize(imgs, bb.mean, bb.std))
 
 
 def _import(*modules: str) -> None:

@@ -217,24 +217,15 @@ class Classifier:
 
         Returns (probs (n, K) with NaN rows for failures, {index: reason}).
         """
-        from retrain.bottlenecks import run_pipeline
+        from retrain.pipeline import run_pipeline
 
         probs = np.full((len(sources), len(self.labels)), np.nan, np.float32)
-
-        class _Session:  # adapts predict() to the pipeline's session.run interface
-            def __init__(s):
-                s.name = "input"
-
-            def get_inputs(s):
-                return [s]
-
-            def run(s, _out, feed):
-                return [self._predict_normalized(feed["input"], tta)]
 
         def on_batch(idx, out):
             probs[idx] = out
 
-        errors, _ = run_pipeline(list(sources), self.load_image, _Session(), batch_size=batch_size,
+        errors, _ = run_pipeline(list(sources), self.load_image, lambda x: self._predict_normalized(x, tta),
+                                 batch_size=batch_size,
                                  workers=self.workers, mean=self.mean, std=self.std,
                                  on_batch=on_batch, desc="Labelling", quiet=quiet)
         return probs, errors

@@ -209,13 +209,23 @@ def openvino_version() -> str:
         return "none"
 
 
-class _Input:
-    name = "input"
+class OnnxEngine:
+    """An ONNX Runtime session as a pipeline engine (retrain.pipeline): run_batch(x) -> outputs of
+    its first output for float32 (N, 3, H, W) input."""
+
+    takes_uint8 = False
+
+    def __init__(self, session):
+        self.session = session
+        self.input_name = session.get_inputs()[0].name
+
+    def __call__(self, x):
+        return self.session.run(None, {self.input_name: x})[0]
 
 
 class OpenVINOSession:
-    """A compiled OpenVINO model with the slice of InferenceSession's interface the
-    bottleneck pipeline uses (get_inputs, run).
+    """A compiled OpenVINO model as a pipeline engine (retrain.pipeline): callable on a batch of
+    any size, and asynchronous (submit / finished) to keep several batches in flight.
 
     It takes the decoded pixels as they are, uint8 (N, H, W, 3): the conversion to float,
     (x - mean) / std and the NHWC -> NCHW transpose are compiled into the model, so the
@@ -258,12 +268,6 @@ class OpenVINOSession:
         self._queue = None
         self._finished: deque = deque()
 
-    def get_inputs(self):
-        return [_Input()]
-
-    def get_providers(self):
-        return ["OpenVINO CPU"]
-
     def _chunks(self, x):
         """x in pieces of exactly `batch` images (the last padded): (piece, real count)."""
         import numpy as np
@@ -275,17 +279,17 @@ class OpenVINOSession:
                 piece = np.concatenate([piece, np.zeros((self.batch - n, *piece.shape[1:]), piece.dtype)])
             yield piece, n
 
-    def run(self, _output_names, feeds: dict):
+    def __call__(self, x):
         """Features of any number of images: one request for a batch or less, else all of
         them in flight at once (one request runs on one stream, i.e. a share of the cores)."""
         import numpy as np
 
-        pieces = list(self._chunks(next(iter(feeds.values()))))
+        pieces = list(self._chunks(x))
         if not pieces:
-            return [np.zeros((0, *self.compiled.output(0).shape[1:]), np.float32)]
+            return np.zeros((0, *self.compiled.output(0).shape[1:]), np.float32)
         if len(pieces) == 1:
             piece, n = pieces[0]
-            return [self.request.infer({0: piece})[0][:n].copy()]
+            return self.request.infer({0: piece})[0][:n].copy()
         import openvino as ov
 
         outs: list = [None] * len(pieces)
@@ -294,7 +298,7 @@ class OpenVINOSession:
         for i, (piece, _n) in enumerate(pieces):
             queue.start_async({0: piece}, i)
         queue.wait_all()
-        return [np.concatenate(outs)]
+        return np.concatenate(outs)
 
     # The asynchronous interface the pipeline prefers: several batches in flight at once.
     def submit(self, x, tag) -> None:

@@ -11,7 +11,8 @@ import pytest
 
 from conftest import EXAMPLES, make_dataset, run_cli
 from retrain.backbones import get_backbone
-from retrain.bottlenecks import BottleneckCache, choose_precision, extract, feature_session
+from retrain.bottlenecks import choose_precision, extract, feature_session
+from retrain.cache import BottleneckCache
 from retrain.errors import ConfigError
 from retrain.runtime import cpu_has_bf16, openvino_available
 from retrain.scan import scan
@@ -69,14 +70,14 @@ def test_changed_meta_starts_afresh(tiny_dataset, tmp_path):
     assert t["computed"] == len(s.items)
 
 
-SHARDS_OFTEN = ("import sys, retrain.bottlenecks as b; b.SHARD_SECONDS = 0.05; "
+SHARDS_OFTEN = ("import sys, retrain.cache as b; b.SHARD_SECONDS = 0.05; "
                 "from retrain.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
 # The real CLI, pressing Ctrl-C (a real SIGINT) once 16 bottlenecks are computed, with periodic
 # shard writes turned off: whatever reaches the disk was written on the way out.
 CTRL_C_AFTER_16 = """
-import os, signal, sys, retrain.bottlenecks as b
+import os, signal, sys, retrain.cache as b
 b.SHARD_SECONDS = 3600
 add = b.BottleneckCache.add
 def add_then_ctrl_c(self, keys, feats):
@@ -185,8 +186,8 @@ def test_openvino_static_batch_pads_short_batches_and_keeps_order():
     x = np.stack([images.load(it.path, 224, BB.crop_fraction) for it in s.items[:6]])
     sess = feature_session(BB, precision="bf16", batch=4)
     assert sess.batch == 4
-    whole = sess.run(None, {"input": x})[0]  # 4 + 2 padded
-    one_by_one = np.concatenate([sess.run(None, {"input": x[i:i + 1]})[0] for i in range(6)])
+    whole = sess(x)  # 4 + 2 padded
+    one_by_one = np.concatenate([sess(x[i:i + 1]) for i in range(6)])
     assert whole.shape == (6, 1280) and np.allclose(whole, one_by_one, atol=1e-3)
     sess.submit(x[:3], "a")
     sess.submit(x[3:], "b")
@@ -240,7 +241,7 @@ def test_a_meta_json_that_cannot_be_read_never_deletes_shards(tmp_path):
 
 
 # Two real `retrain fit` at once on one --cache-dir, shards every 20 ms, compaction over 2 shards.
-SHARE_CACHE = ("import sys, retrain.bottlenecks as b; b.SHARD_SECONDS = 0.02; b.COMPACT_OVER = 2; "
+SHARE_CACHE = ("import sys, retrain.cache as b; b.SHARD_SECONDS = 0.02; b.COMPACT_OVER = 2; "
                "from retrain.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
@@ -264,7 +265,7 @@ def test_two_fits_at_once_on_one_cache_keep_all_features(tmp_path):
 
 # A process that keeps adding features and compacting (a shard vanishes under a concurrent reader).
 COMPACT_LOOP = """
-import sys, time, numpy as np, retrain.bottlenecks as b
+import sys, time, numpy as np, retrain.cache as b
 from retrain.backbones import get_backbone
 bb = get_backbone("efficientnet_lite0")
 rng = np.random.default_rng(0)
@@ -302,7 +303,7 @@ def test_a_shard_compacted_away_while_loading_is_not_called_damaged(tmp_path):
 # The real CLI with the default shard interval (SHARD_SECONDS, 1 s), logging every batch it adds
 # to the cache: the time the add began and ended (the child's monotonic clock) and the count.
 LOG_ADDS = """
-import sys, time, retrain.bottlenecks as b
+import sys, time, retrain.cache as b
 add = b.BottleneckCache.add
 def add_and_log(self, keys, feats):
     t0 = time.monotonic()
@@ -334,7 +335,7 @@ def _many_photos(tmp_path):
 def test_kill_9_loses_at_most_the_last_second_of_work(tmp_path):
     import threading
 
-    from retrain.bottlenecks import SHARD_SECONDS
+    from retrain.cache import SHARD_SECONDS
 
     data = _many_photos(tmp_path)
     cache = tmp_path / "cache"
