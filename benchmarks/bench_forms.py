@@ -3,7 +3,7 @@ per-tensor) vs fp16, timed in one process, with the test-split accuracy each exp
 
     python benchmarks/bench_forms.py [--images ../shared/data/flower_photos] [--write]
 
-Trains the run (bottlenecks cached in --cache-dir), exports each form with `retrain.deploy.export`
+Trains the run (bottlenecks cached in --cache-dir), exports each form with `retrain.export.export`
 (the code behind `retrain export`), benches them with `retrain.bench.bench` (behind
 `retrain bench`), prints a markdown table and checks the issue's targets: int8 at least 1.8x the
 fp32 throughput, at most 0.5 points of test accuracy lost. --write puts the table in
@@ -48,7 +48,7 @@ def main() -> int:
 
     from retrain.bench import bench, format_table
     from retrain.config import FitConfig
-    from retrain.deploy import export
+    from retrain.export import export
     from retrain.progress import Log
     from retrain.fit import fit
 

@@ -29,7 +29,7 @@ _API = {
     "evaluate": "retrain.evaluate",
     "export": "retrain.export",
     "FitConfig": "retrain.config",
-    "Classifier": "retrain.model",
+    "Classifier": "retrain.classifier",
     "Run": "retrain.run",
     "RetrainError": "retrain.errors",
 }

@@ -183,7 +183,7 @@ def count_graph(path) -> dict:
 
 def find_forms(run, extra=(), *, exports: bool = True) -> list[Path]:
     """The model files to bench: RUN's, each export noted in RUN/exports.json, then `extra`."""
-    from retrain.deploy import read_exports
+    from retrain.export import read_exports
     from retrain.model import resolve_model_path
 
     paths = [resolve_model_path(run)]
@@ -229,7 +229,7 @@ def bench(run, extra=(), *, provider: str = "auto", batch: int = 32, threads: in
           single_runs: int = 100, batch_runs: int = 10, exports: bool = True, quiet: bool = True, log=None) -> dict:
     """Latency, throughput, size, params and MACs of each form (see module doc). JSON-ready."""
     from retrain import images
-    from retrain.model import Classifier
+    from retrain.classifier import Classifier
     from retrain.progress import bar
     from retrain.runtime import session_provider
 

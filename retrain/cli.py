@@ -26,7 +26,7 @@ COMMANDS = {
     "report": ("retrain.report", "rewrite a run's report.html"),
     "compare": ("retrain.compare", "compare runs side by side"),
     "serve": ("retrain.serve", "serve a model over HTTP with a web page"),
-    "export": ("retrain.deploy", "export a run as onnx, onnx-int8 or onnx-fp16, verified"),
+    "export": ("retrain.export", "export a run as onnx, onnx-int8 or onnx-fp16, verified"),
     "bench": ("retrain.bench", "latency, throughput and size of a model"),
 }
 

@@ -86,7 +86,7 @@ def evaluate(model, image_dir, *, provider: str = "auto", batch_size: int = 8, t
         >>> m = retrain.evaluate("runs/flowers", "more_flower_photos")
         >>> m["accuracy"], m["per_class"]["roses"]["recall"]
     """
-    from retrain.model import Classifier
+    from retrain.classifier import Classifier
     from retrain.scan import scan
 
     clf = Classifier(model, provider=provider, **overrides)

@@ -1,128 +1,482 @@
-"""Write the self-contained model: backbone graph + final layer + softmax in one ONNX file.
+"""`retrain export RUN --format F --output DIR`: the fast forms of a model, each proven to agree.
 
-Input `input` (N, 3, H, W) float32, (pixel - mean) / std in 0..255 units; output
-`final_result` (N, K) probabilities. The metadata carries everything needed to use it.
-Built with the onnx library from the cached backbone graph: no torch needed.
-The written model is re-run and compared with the source before it is declared written.
+Formats:
+  onnx       float32, the run's own graph (re-verified, metadata marked)
+  onnx-int8  static int8 quantization (ONNX Runtime, QDQ per-channel by default) calibrated on
+             a sample of the run's training photos, as the codelab's quantize_graph.py did
+  onnx-fp16  float16 weights and activations (inputs/outputs stay float32); for GPUs
+DIR is a run folder like RUN (model.onnx, labels.txt, split.json, report.json), so `label`,
+`evaluate`, `serve`, `bench` and `compare` take it as they take RUN.
+
+Every export re-scores the run's validation and test photos with the new model and the fp32
+model and reports the accuracy change and the largest probability difference; a drop beyond
+--tolerance points (default 1) refuses to write the model unless --force. The figures are kept
+in the model's metadata ("agreement") and in DIR/report.json ("export").
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import shutil
+import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from retrain import __version__
+from retrain import callable_module
+from retrain.errors import ConfigError, DataError, ImageError, ModelError, did_you_mean
+from retrain.files import sha256_file
+from retrain.run import RunWriter, check_destination
+
+FORMATS = {
+    "onnx": "float32 ONNX (the run's model, verified)",
+    "onnx-int8": "int8 static quantization calibrated on training photos (CPU: VNNI/AMX; TensorRT reads QDQ)",
+    "onnx-fp16": "float16 (for GPUs; inputs and outputs stay float32)",
+}
+QUANT_FORMATS = ("qdq", "qoperator")
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+MAX_CALIBRATION = 5000
+MAX_VERIFY = 20000
+EXPORTS_INDEX = "exports.json"  # in the source run: {format: {"path": DIR, ...}}, read by `bench`
 
 
-def attach_head(backbone_onnx, W: np.ndarray, b: np.ndarray, *, output_name: str = "final_result",
-                temperature: float = 1.0):
-    """Backbone features (N, C) -> MatMul W (C, K) -> Add b -> /T -> Softmax -> output_name."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    m = onnx.load(str(backbone_onnx))
-    g = m.graph
-    feat = g.output[0].name
-    W = np.asarray(W, np.float32) / np.float32(temperature)
-    b = np.asarray(b, np.float32) / np.float32(temperature)
-    g.initializer.extend([numpy_helper.from_array(W, "head_weight"),
-                          numpy_helper.from_array(b, "head_bias")])
-    g.node.extend([
-        helper.make_node("MatMul", [feat, "head_weight"], ["head_matmul"], name="head_matmul"),
-        helper.make_node("Add", ["head_matmul", "head_bias"], ["logits"], name="head_add"),
-        helper.make_node("Softmax", ["logits"], [output_name], name="final_softmax", axis=-1),
-    ])
-    del g.output[:]
-    g.output.extend([helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["N", W.shape[1]])])
-    return m
+class ExportRejected(ModelError):
+    """The exported model disagrees with the fp32 model beyond the tolerance."""
 
 
-def set_metadata(m, meta: dict) -> None:
-    """Store metadata as strings (JSON for non-strings) in metadata_props."""
-    del m.metadata_props[:]
-    for k, v in meta.items():
-        e = m.metadata_props.add()
-        e.key = k
-        e.value = v if isinstance(v, str) else json.dumps(v)
+# ------------------------------------------------------------------------------ the run
+
+def read_run(run, image_dir=None) -> tuple[Path, dict, dict, Path]:
+    """(run folder, report, split, image root) of a run written by `retrain fit` (or an export)."""
+    from retrain.run import MODEL as MODEL_FILE
+
+    run = Path(run).expanduser()
+    if not run.is_dir():
+        raise ModelError(f"{run} is not a run folder (export needs the folder written by "
+                         "`retrain fit IMAGE_DIR --output RUN`: its model, split and report)")
+    if not (run / MODEL_FILE).is_file():
+        raise ModelError(f"{run} has no {MODEL_FILE}; give a run folder written by `retrain fit`")
+    docs = {}
+    for name in ("report.json", "split.json"):
+        p = run / name
+        if not p.is_file():
+            raise ModelError(f"{run} has no {name}, so its validation and test photos are unknown and the "
+                             "export cannot be verified; give a run folder written by `retrain fit`")
+        try:
+            docs[name] = json.loads(p.read_text())
+        except ValueError as e:
+            raise ModelError(f"{p} is not valid JSON ({e})") from None
+    report, split = docs["report.json"], docs["split.json"]
+    files = split.get("files")
+    if not isinstance(files, dict) or not all(isinstance(files.get(k, []), list) for k in ("train", "validation", "test")):
+        raise ModelError(f"{run / 'split.json'} has no 'files' lists for train/validation/test")
+    root = Path(image_dir or report.get("image_dir") or "").expanduser()
+    if not str(root) or not root.is_dir():
+        raise DataError(f"the run's photos are not at '{root}' (image_dir in {run / 'report.json'}); "
+                        "pass --image-dir DIR where the same class folders are")
+    return run, report, split, root
 
 
-def model_metadata(*, labels, backbone, metrics, output_name, extra=None) -> dict:
-    import datetime
-
-    pre = backbone.preprocessing()
-    meta = {
-        "retrain_version": __version__,
-        "labels": list(labels),
-        "architecture": backbone.name,
-        "input_name": "input",
-        "output_name": output_name,
-        "input_size": pre["size"],
-        "mean": pre["mean"],
-        "std": pre["std"],
-        "crop_fraction": pre["crop_fraction"],
-        "preprocessing": (f"RGB, centre crop {pre['crop_fraction']:.4f} of the short side, bicubic resize "
-                          f"to {pre['size']}x{pre['size']}, (pixel - {pre['mean']}) / {pre['std']}, NCHW float32"),
-        "metrics": metrics,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "format": "onnx",
-    }
-    meta.update(extra or {})
-    return meta
+def _sample(items: list, n: int, seed: int) -> list:
+    if len(items) <= n:
+        return list(items)
+    rng = np.random.default_rng(seed)
+    return [items[i] for i in sorted(rng.choice(len(items), n, replace=False))]
 
 
-def save_atomic(m, path: Path) -> None:
-    import onnx
+def load_photos(clf, root: Path, rel_paths: list[str], *, desc: str, quiet: bool = True):
+    """Decode photos with the model's preprocessing -> (uint8 (n, H, W, 3), class indices (n,), skipped).
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".onnx")
-    os.close(fd)
-    try:
-        onnx.save(m, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a model is meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def verify(model_path, x_uint8: np.ndarray, expected: np.ndarray, *, tol: float = 2e-3) -> float:
-    """Run the written model with a plain InferenceSession and compare with `expected` probs."""
-    from retrain.errors import ModelError
-    from retrain.model import Classifier
-
-    clf = Classifier(model_path, provider="cpu")
-    got = clf.predict(x_uint8)
-    diff = float(np.abs(got - expected).max()) if len(expected) else 0.0
-    if diff > tol:
-        raise ModelError(f"exported model disagrees with the trained head (max prob diff {diff:.2e} > {tol})")
-    return diff
-
-
-def write_model(path: Path, backbone, W, b, *, labels, metrics, output_name="final_result",
-                extra_meta=None, temperature: float = 1.0, check=None, precision: str = "fp32") -> float:
-    """Build, save and verify model.onnx on the backbone graph of the bottlenecks' precision.
-
-    `check` = (uint8 images, expected probs). Returns the max probability difference.
+    The class is the photo's top folder (how `retrain fit` names classes); unreadable photos and
+    classes the model does not know are skipped and counted.
     """
-    from retrain.backbones import features_onnx
+    from retrain.progress import bar
 
-    # bf16 bottlenecks come from the fp32 graph run in bf16 (OpenVINO): the model keeps it in fp32.
-    graph = "int8" if precision == "int8" else "fp32"
-    m = attach_head(features_onnx(backbone, precision=graph), W, b, output_name=output_name,
-                    temperature=temperature)
-    set_metadata(m, model_metadata(labels=labels, backbone=backbone, metrics=metrics, output_name=output_name,
-                                   extra={"backbone_precision": graph, "bottleneck_precision": precision,
-                                          **(extra_meta or {})}))
+    keep, y = [], []
+    for r in rel_paths:
+        c = Path(r).parts[0] if len(Path(r).parts) > 1 else None
+        if c in clf.labels:
+            keep.append(r)
+            y.append(clf.labels.index(c))
+    out = np.zeros((len(keep), clf.height, clf.width, 3), np.uint8)
+    ok = np.ones(len(keep), bool)
+
+    def one(i):
+        try:
+            out[i] = clf.load_image(str(root / keep[i]))
+        except ImageError:
+            ok[i] = False
+
+    with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool, bar(total=len(keep), desc=desc, unit="img",
+                                                                     quiet=quiet) as pbar:
+        for _ in pool.map(one, range(len(keep))):
+            pbar.update(1)
+    skipped = len(rel_paths) - int(ok.sum())
+    return out[ok], np.asarray(y, np.int64)[ok], skipped
+
+
+def predict_all(clf, X: np.ndarray, *, batch_size: int = 32, desc: str = "Scoring", quiet: bool = True):
+    """Probabilities (n, K) for uint8 images (n, H, W, 3), in batches."""
+    from retrain.progress import bar
+
+    k = len(clf.labels)
+    P = np.zeros((len(X), k), np.float32)
+    with bar(total=len(X), desc=desc, unit="img", quiet=quiet) as pbar:
+        for i in range(0, len(X), batch_size):
+            P[i:i + batch_size] = clf.predict(X[i:i + batch_size])
+            pbar.update(len(X[i:i + batch_size]))
+    return P
+
+
+def agreement(P_ref: np.ndarray, P: np.ndarray, y: np.ndarray) -> dict:
+    """How far an exported model's answers are from the fp32 model's, on labelled photos."""
+    n = int(len(y))
+    if n == 0:
+        return {"n": 0}
+    acc_ref = float((P_ref.argmax(1) == y).mean())
+    acc = float((P.argmax(1) == y).mean())
+    d = np.abs(P.astype(np.float64) - P_ref)
+    return {"n": n, "accuracy_fp32": round(acc_ref, 6), "accuracy": round(acc, 6),
+            "change_points": round((acc - acc_ref) * 100, 4),
+            "top1_agreement": round(float((P.argmax(1) == P_ref.argmax(1)).mean()), 6),
+            "max_prob_diff": float(f"{d.max():.6g}"), "mean_prob_diff": float(f"{d.mean():.6g}")}
+
+
+# ----------------------------------------------------------------------------- converters
+
+def optimize_for_quantization(src: Path, dst: Path, log=None) -> Path:
+    """ONNX Runtime's quantization pre-processing: shape inference + graph optimisation (folds the
+    backbone's computed 'same' padding into the convolutions). Falls back to the source graph."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        # skip_symbolic_shape: ONNX inference gives the same graph here, and the symbolic pass
+        # saves a temp model into the current folder when it cannot finish
+        quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+        return dst
+    except Exception as e:  # an unusual graph: quantize it as it is
+        if log:
+            log(f"quantization pre-processing skipped ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})")
+        return src
+
+
+def quantize_model_int8(src: Path, dst: Path, calibration: np.ndarray, *, mean, std, quant_format: str = "qdq",
+                  per_channel: bool = True, method: str = "minmax", quiet: bool = True, log=None) -> dict:
+    """Static int8 quantization of `src` calibrated on uint8 images (n, H, W, 3). Returns its settings.
+
+    Activations uint8, weights int8 (the U8S8 pair the x86 VNNI/AMX kernels run fastest). The
+    classifier head (Gemm/MatMul, Softmax) stays float: it is a tiny share of the work and keeps
+    the probabilities smooth.
+    """
+    from onnxruntime import quantization as Q
+
+    from retrain import images
+    from retrain.progress import bar
+
+    batch = 16
+    pbar = bar(total=len(calibration), desc="Calibrating", unit="img", quiet=quiet)
+
+    class Reader(Q.CalibrationDataReader):
+        def __init__(self):
+            self.i = 0
+
+        def get_next(self):
+            if self.i >= len(calibration):
+                return None
+            x = calibration[self.i:self.i + batch]
+            self.i += len(x)
+            pbar.update(len(x))
+            return {"input": images.normalize(x, mean, std)}
+
+        def rewind(self):
+            self.i = 0
+
+    with tempfile.TemporaryDirectory(prefix="retrain-quant-") as tmp:
+        pre = optimize_for_quantization(src, Path(tmp) / "pre.onnx", log=log)
+        fmt = Q.QuantFormat.QDQ if quant_format == "qdq" else Q.QuantFormat.QOperator
+        cm = {"minmax": Q.CalibrationMethod.MinMax, "percentile": Q.CalibrationMethod.Percentile,
+              "entropy": Q.CalibrationMethod.Entropy}[method]
+        import onnx
+
+        # The head stays float; every other quantizable op (Conv, Clip, Add, ...) is quantized:
+        # leaving Clip (ReLU6) out makes its Conv's range the un-clipped one and costs ~2 points.
+        head = [n.name for n in onnx.load(str(pre), load_external_data=False).graph.node
+                if n.op_type in ("Gemm", "MatMul", "Softmax")]
+        try:
+            Q.quantize_static(str(pre), str(dst), Reader(), quant_format=fmt, per_channel=per_channel,
+                              activation_type=Q.QuantType.QUInt8, weight_type=Q.QuantType.QInt8,
+                              nodes_to_exclude=head, calibrate_method=cm, reduce_range=False,
+                              # MinMax: fold ranges every 4 batches, so memory stays flat in N
+                              extra_options={"CalibMaxIntermediateOutputs": 4})
+        except Exception as e:
+            raise ModelError(f"int8 quantization failed: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+        finally:
+            pbar.close()
+    return {"quant_format": quant_format, "per_channel": per_channel, "calibration_method": method,
+            "calibration_images": int(len(calibration)), "activations": "uint8", "weights": "int8",
+            "float_ops_kept": ["classifier head (Gemm/MatMul)", "Softmax"]}
+
+
+def convert_fp16(src: Path, dst: Path) -> dict:
+    """float16 weights and activations; the model's input and output stay float32."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    m = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    onnx.save(m, str(dst))
+    return {"weights": "float16", "activations": "float16", "io": "float32"}
+
+
+def _set_meta(path: Path, meta: dict) -> None:
     import onnx
 
-    onnx.checker.check_model(m)
-    save_atomic(m, Path(path))
-    if check is not None:
-        return verify(path, *check)
-    return 0.0
+    from retrain.model import save_atomic, set_metadata
+
+    m = onnx.load(str(path))
+    set_metadata(m, meta)
+    save_atomic(m, path)
+
+
+# --------------------------------------------------------------------------------- export
+
+def export(run, fmt: str = "onnx", output=None, *, tolerance: float = 1.0, max_prob_diff: float | None = None,
+           force: bool = False, calibration_images: int = 200, quant_format: str = "qdq",
+           per_channel: bool = True, calibration_method: str = "minmax", provider: str = "auto",
+           image_dir=None, max_verify_images: int = 5000, seed: int = 0, quiet: bool = True, log=None) -> dict:
+    """Write `fmt` of RUN's model as a run folder at `output`, verified on RUN's validation+test photos.
+
+    Returns the export record (also in output/report.json["export"]). Raises ExportRejected when
+    accuracy drops more than `tolerance` points (or a probability moves more than `max_prob_diff`)
+    and `force` is off; nothing is written then.
+    """
+    from retrain.evaluate import compute_metrics
+    from retrain.classifier import Classifier
+    from retrain.model import read_metadata
+
+    log = log or (lambda m: None)
+    fmt = (fmt or "onnx").lower()
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown format '{fmt}'; choose one of {', '.join(FORMATS)}.{did_you_mean(fmt, FORMATS)}")
+    if quant_format not in QUANT_FORMATS:
+        raise ConfigError(f"--quant-format must be one of {', '.join(QUANT_FORMATS)}, got '{quant_format}'."
+                          f"{did_you_mean(quant_format, QUANT_FORMATS)}")
+    if calibration_method not in CALIBRATION_METHODS:
+        raise ConfigError(f"--calibration-method must be one of {', '.join(CALIBRATION_METHODS)}, got "
+                          f"'{calibration_method}'.{did_you_mean(calibration_method, CALIBRATION_METHODS)}")
+    if not 1 <= calibration_images <= MAX_CALIBRATION:
+        raise ConfigError(f"--calibration-images must be between 1 and {MAX_CALIBRATION}, got {calibration_images}")
+    if not 1 <= max_verify_images <= MAX_VERIFY:
+        raise ConfigError(f"--max-verify-images must be between 1 and {MAX_VERIFY}, got {max_verify_images}")
+    if tolerance < 0 or (max_prob_diff is not None and max_prob_diff < 0):
+        raise ConfigError("--tolerance and --max-prob-diff must be >= 0")
+
+    run, report, split, root = read_run(run, image_dir)
+    src = run / "model.onnx"
+    out = Path(output).expanduser() if output else run.parent / f"{run.name}-{fmt}"
+    if out.resolve() == run.resolve():
+        raise ConfigError(f"--output {out} is the run itself; give another folder for the {fmt} form")
+    out = check_destination(out, image_dir=root)  # an earlier export there is replaced; nothing else
+    src_meta = read_metadata(src)
+    if src_meta.get("format", "onnx") != "onnx":
+        raise ConfigError(f"{run} holds an {src_meta['format']} model; export from the float32 run it came from "
+                          f"({src_meta.get('exported_from', {}).get('run', 'its source run')})")
+    if src_meta.get("backbone_precision", "fp32") != "fp32" and fmt != "onnx":
+        raise ConfigError(f"{run} was trained on {src_meta['backbone_precision']} bottlenecks: its model is "
+                          f"already quantized; for {fmt}, train with --bottleneck-precision fp32 "
+                          "(or export it as onnx)")
+
+    ref = Classifier(src, provider=provider)
+    files = split["files"]
+    half = max_verify_images // 2
+    parts = {}
+    for part, n in (("validation", half), ("test", max_verify_images - half)):
+        rel = _sample(list(files.get(part, [])), n, seed)
+        parts[part] = load_photos(ref, root, rel, desc=f"Reading {part} photos", quiet=quiet)
+    X = np.concatenate([parts["validation"][0], parts["test"][0]])
+    y = np.concatenate([parts["validation"][1], parts["test"][1]])
+    skipped = parts["validation"][2] + parts["test"][2]
+    is_val = np.arange(len(y)) < len(parts["validation"][1])
+    if len(X) == 0:
+        raise DataError(f"none of the run's validation/test photos could be read under {root}; "
+                        "pass --image-dir DIR where the run's class folders are")
+    log(f"Verifying on {int(is_val.sum())} validation + {int((~is_val).sum())} test photos"
+        + (f" ({skipped} unreadable or of unknown classes, skipped)" if skipped else ""))
+    P_ref = predict_all(ref, X, desc="Scoring fp32", quiet=quiet)
+
+    extra = {}
+    with tempfile.TemporaryDirectory(prefix="retrain-export-", dir=str(out.parent) if out.parent.is_dir() else None) as tmpd:
+        cand = Path(tmpd) / "model.onnx"
+        if fmt == "onnx":
+            shutil.copyfile(src, cand)
+        elif fmt == "onnx-int8":
+            train_rel = _sample(list(files.get("train", [])), calibration_images, seed)
+            C, _, _ = load_photos(ref, root, train_rel, desc="Reading calibration photos", quiet=quiet)
+            if len(C) == 0:
+                raise DataError(f"no training photos could be read under {root} for int8 calibration")
+            log(f"Quantizing to int8 ({quant_format.upper()}, per-{'channel' if per_channel else 'tensor'}, "
+                f"{calibration_method} calibration on {len(C)} training photos)")
+            extra["quantization"] = quantize_model_int8(src, cand, C, mean=ref.mean, std=ref.std, quant_format=quant_format,
+                                                  per_channel=per_channel, method=calibration_method,
+                                                  quiet=quiet, log=log)
+        else:
+            extra["precision"] = convert_fp16(src, cand)
+        new = Classifier(cand, provider=provider)
+        P = predict_all(new, X, desc=f"Scoring {fmt}", quiet=quiet)
+        del new
+        agree = {"validation": agreement(P_ref[is_val], P[is_val], y[is_val]),
+                 "test": agreement(P_ref[~is_val], P[~is_val], y[~is_val]),
+                 "all": agreement(P_ref, P, y)}
+        a = agree["all"]
+        drop = -a["change_points"]
+        problems = []
+        if drop > tolerance:
+            problems.append(f"loses {drop:.2f} points of accuracy on the run's validation+test photos "
+                            f"({a['accuracy_fp32']:.2%} -> {a['accuracy']:.2%}, n={a['n']}), over the tolerance "
+                            f"of {tolerance:g}")
+        if max_prob_diff is not None and a["max_prob_diff"] > max_prob_diff:
+            problems.append(f"moves a probability by {a['max_prob_diff']:.4f}, over --max-prob-diff {max_prob_diff:g}")
+        if problems and not force:
+            raise ExportRejected(f"the {fmt} export {' and '.join(problems)}; nothing was written "
+                                 f"(largest probability difference {a['max_prob_diff']:.4f}, top-1 agreement "
+                                 f"{a['top1_agreement']:.1%}). Use --force to write it anyway"
+                                 + (", or more --calibration-images / --calibration-method percentile" if fmt == "onnx-int8" else ""))
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        record = {"format": fmt, "description": FORMATS[fmt], "source_run": str(run.resolve()),
+                  "source_sha256": sha256_file(src), "provider": provider, "verified_on": agree,
+                  "tolerance_points": tolerance, "max_prob_diff_allowed": max_prob_diff,
+                  "within_tolerance": not problems, "forced": bool(problems and force),
+                  "photos_skipped": skipped, "exported": now, **extra}
+        metrics = dict(src_meta.get("metrics") or {})
+        for part in ("validation", "test"):
+            if agree[part].get("n"):
+                metrics[part] = {**(metrics.get(part) or {}), "accuracy": agree[part]["accuracy"], "n": agree[part]["n"]}
+        meta = {**src_meta, "format": fmt, "metrics": metrics, "exported": now,
+                "exported_from": {"run": str(run.resolve()), "sha256": record["source_sha256"]},
+                "agreement": {k: {kk: v[kk] for kk in ("n", "accuracy_fp32", "accuracy", "change_points",
+                                                         "max_prob_diff") if kk in v} for k, v in agree.items()},
+                **extra}
+        _set_meta(cand, meta)
+        record["size_bytes"] = cand.stat().st_size
+        record["source_size_bytes"] = src.stat().st_size
+
+        new_report = {**report, "output": str(out), "export": record}
+        new_report["metrics"] = dict(report.get("metrics") or {})
+        for part, mask in (("validation", is_val), ("test", ~is_val)):
+            if mask.any():
+                new_report["metrics"][part] = compute_metrics(y[mask], P[mask], ref.labels)
+        _write_run(out, cand, run, new_report)
+    _index_export(run, fmt, out, now, log)
+    record["output"] = str(out)
+    return record
+
+
+def _write_run(out: Path, model: Path, run: Path, report: dict) -> None:
+    """DIR as a run folder, swapped in whole: a crash never leaves half an export."""
+    with RunWriter(out, kind="export") as tmp:
+        shutil.copyfile(model, tmp / "model.onnx")
+        if (run / "labels.txt").is_file():
+            shutil.copyfile(run / "labels.txt", tmp / "labels.txt")
+        shutil.copyfile(run / "split.json", tmp / "split.json")
+        (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+
+
+def _index_export(run: Path, fmt: str, out: Path, when: str, log) -> None:
+    """Note the export in RUN/exports.json so `retrain bench RUN` finds every form (best effort)."""
+    p = run / EXPORTS_INDEX
+    try:
+        idx = json.loads(p.read_text()) if p.is_file() else {}
+        if not isinstance(idx, dict):
+            idx = {}
+    except ValueError:
+        idx = {}
+    idx[fmt] = {"path": str(out.resolve()), "exported": when}
+    try:
+        tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(idx, indent=1) + "\n")
+        os.replace(tmp, p)
+    except OSError as e:
+        log(f"could not note the export in {p} ({e}); `retrain bench` will not list it by itself")
+
+
+def read_exports(run) -> dict:
+    """{format: folder} of the exports noted in RUN/exports.json that still exist."""
+    p = Path(run) / EXPORTS_INDEX
+    try:
+        idx = json.loads(p.read_text()) if p.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    out = {}
+    for fmt, rec in (idx.items() if isinstance(idx, dict) else []):
+        path = Path(rec.get("path", "")) if isinstance(rec, dict) else None
+        if path and (path / "model.onnx").is_file():
+            out[fmt] = path
+    return out
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+def format_record(rec: dict) -> str:
+    mb = lambda b: f"{b / 1e6:.1f} MB"  # noqa: E731
+    lines = [f"retrain export: {rec['format']} -> {rec['output']} ({mb(rec['size_bytes'])}; fp32 "
+             f"{mb(rec['source_size_bytes'])})"]
+    lines.append(f"  {'photos':<11} {'n':>5}  {'fp32':>7}  {rec['format']:>9}  {'change':>8}  "
+                 f"{'top-1 agree':>11}  {'max prob diff':>13}")
+    for part in ("validation", "test", "all"):
+        a = rec["verified_on"][part]
+        if not a.get("n"):
+            continue
+        lines.append(f"  {part:<11} {a['n']:>5}  {a['accuracy_fp32']:>7.2%}  {a['accuracy']:>9.2%}  "
+                     f"{a['change_points']:>+7.2f}pt  {a['top1_agreement']:>11.1%}  {a['max_prob_diff']:>13.4f}")
+    if rec.get("forced"):
+        lines.append("  WARNING: outside the tolerance; written because of --force")
+    return "\n".join(lines)
+
+
+def add_arguments(p) -> None:
+    from retrain.config import bounded
+    from retrain.runtime import PROVIDER_CHOICES
+
+    p.add_argument("run", help="run folder written by retrain fit")
+    p.add_argument("--format", "-f", default="onnx", metavar="F",
+                   help=f"{', '.join(FORMATS)} (default onnx)")
+    p.add_argument("--output", "-o", metavar="DIR", help="run folder to write (default: RUN-FORMAT next to RUN)")
+    p.add_argument("--tolerance", type=bounded(float, 0, 100, "--tolerance"), default=1.0,
+                   help="most accuracy points the export may lose on validation+test photos (default 1)")
+    p.add_argument("--max-prob-diff", type=bounded(float, 0, 1, "--max-prob-diff"), default=None,
+                   help="also refuse if any probability moves more than this (default: no limit)")
+    p.add_argument("--force", action="store_true", help="write the model even if it is outside the tolerance")
+    p.add_argument("--calibration-images", type=int, default=200,
+                   help="training photos used to calibrate int8 (default 200)")
+    p.add_argument("--calibration-method", default="minmax", help=f"{', '.join(CALIBRATION_METHODS)} (default minmax)")
+    p.add_argument("--quant-format", default="qdq", help="qdq (default; portable, TensorRT reads it) or qoperator")
+    p.add_argument("--per-tensor", action="store_true", help="int8 weights per tensor (default: per channel)")
+    p.add_argument("--provider", default="auto", help=f"where to verify: {', '.join(PROVIDER_CHOICES)} (default auto)")
+    p.add_argument("--image-dir", help="the run's photos, if they moved (default: image_dir in report.json)")
+    p.add_argument("--max-verify-images", type=int, default=5000,
+                   help="most validation+test photos re-scored (default 5000)")
+    p.add_argument("--json", action="store_true", help="print the export record as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def main(args) -> int:
+    from retrain.progress import Log
+
+    log = Log(args.quiet or args.json)
+    rec = export(args.run, args.format, args.output, tolerance=args.tolerance, max_prob_diff=args.max_prob_diff,
+                 force=args.force, calibration_images=args.calibration_images, quant_format=args.quant_format,
+                 per_channel=not args.per_tensor, calibration_method=args.calibration_method,
+                 provider=args.provider, image_dir=args.image_dir, max_verify_images=args.max_verify_images,
+                 quiet=args.quiet or args.json, log=log)
+    if args.json:
+        json.dump(rec, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print(format_record(rec))
+    return 0
+
+
+callable_module(__name__, export)  # retrain.export(...) is export(...)

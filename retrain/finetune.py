@@ -519,26 +519,3 @@ def fine_tuned_features_onnx(bb, result: FineTuneResult, path: Path) -> None:
     tail = make_tail(model, result.start)
     tail.load_state_dict({n: t.contiguous() for n, t in result.tail_state.items()})  # updates `model`
     export_onnx(feature_module(model.eval()), path, bb.image_size)
-
-
-def write_fine_tuned_model(path: Path, bb, result: FineTuneResult, W, b, *, labels, metrics, output_name,
-                           extra_meta, temperature: float, check) -> float:
-    """Self-contained model.onnx (fine-tuned backbone + head), written atomically and verified."""
-    import tempfile
-
-    import onnx
-
-    from retrain.export import attach_head, model_metadata, save_atomic, set_metadata, verify
-
-    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=".ft-", suffix=".onnx")
-    os.close(fd)
-    try:
-        fine_tuned_features_onnx(bb, result, Path(tmp))
-        m = attach_head(tmp, W, b, output_name=output_name, temperature=temperature)
-    finally:
-        os.unlink(tmp)
-    set_metadata(m, model_metadata(labels=labels, backbone=bb, metrics=metrics, output_name=output_name,
-                                   extra=extra_meta))
-    onnx.checker.check_model(m)
-    save_atomic(m, Path(path))
-    return verify(path, *check) if check is not None else 0.0

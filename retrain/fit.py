@@ -245,9 +245,9 @@ def write_run(plan: Plan, data: Data, head: Head, ft, *, train_info, history, ca
               t_start, log) -> dict:
     """model.onnx (verified against the head), labels, split, report and report.html, written
     beside the destination and swapped in whole (retrain.run)."""
-    from retrain.export import write_model
+    from retrain.model import write_model
     from retrain.report import write_run_html
-    from retrain.run import Run, RunWriter
+    from retrain.run import MODEL, Run, RunWriter
 
     cfg, bb = plan.cfg, plan.backbone
     t0 = time.perf_counter()
@@ -262,17 +262,10 @@ def write_run(plan: Plan, data: Data, head: Head, ft, *, train_info, history, ca
                       "tta": bool(cfg.tta), "fine_tuned": bool(ft)}
         if calibration.get("unknown_threshold") is not None:
             extra_meta["unknown_threshold"] = calibration["unknown_threshold"]
-        if ft is None:
-            parity = write_model(tmp / "model.onnx", bb, W, b, labels=data.labels, metrics=summary_metrics,
-                                 output_name=cfg.final_tensor_name, check=(check_imgs, expected),
-                                 extra_meta=extra_meta, temperature=temperature, precision=plan.precision)
-        else:
-            from retrain.finetune import write_fine_tuned_model
-
-            parity = write_fine_tuned_model(tmp / "model.onnx", bb, ft, W, b, labels=data.labels,
-                                            metrics=summary_metrics, output_name=cfg.final_tensor_name,
-                                            extra_meta=extra_meta, temperature=temperature,
-                                            check=(check_imgs, expected))
+        parity = write_model(tmp / MODEL, bb, W, b, labels=data.labels, metrics=summary_metrics,
+                             output_name=cfg.final_tensor_name, check=(check_imgs, expected),
+                             extra_meta=extra_meta, temperature=temperature, precision=plan.precision,
+                             fine_tuned=ft)
         run = Run(tmp)
         run.write_labels(data.labels)
         run.write_split(split_doc(cfg, data))

@@ -43,23 +43,10 @@ def label(model, inputs: list[str], *, top_k: int = 5, batch_size: int = 8, prov
         >>> retrain.label("runs/flowers", ["daisy.jpg"])[0]["label"]
         'daisy'
     """
-    from retrain.model import Classifier
+    from retrain.classifier import Classifier
 
     clf = Classifier(model, provider=provider, **overrides)
-    paths = expand_inputs(inputs)
-    tta = clf.tta_default if tta is None else tta
-    probs, errors = clf.classify_files(paths, batch_size=batch_size, quiet=quiet, tta=tta)
-    results = []
-    for i, p in enumerate(paths):
-        if i in errors:
-            results.append({"path": p, "error": errors[i]})
-            continue
-        preds = clf.top_k(probs[i], top_k)
-        best = preds[0]["label"]
-        if clf.unknown_threshold is not None and preds[0]["score"] < clf.unknown_threshold:
-            best = "unknown"
-        results.append({"path": p, "label": best, "predictions": preds})
-    return results
+    return clf.classify(expand_inputs(inputs), top_k=top_k, batch_size=batch_size, tta=tta, quiet=quiet)
 
 
 def add_arguments(p) -> None:

@@ -1,27 +1,48 @@
-"""Load a retrain model (a run folder or a model.onnx) and classify images with it.
+"""The model file: one self-contained model.onnx, and the one place that writes, reads and
+checks its metadata.
 
-Everything needed to use the model lives in the ONNX file's metadata (labels, input size,
-mean, std, crop): a plain onnxruntime.InferenceSession plus that metadata is enough.
-This module imports onnxruntime, numpy and Pillow only (never torch), so it starts fast.
+The graph: input `input` (N, 3, H, W) float32, (pixel - mean) / std in 0..255 units -> the
+backbone's pooled features -> MatMul W -> Add b -> / temperature -> Softmax -> `final_result`
+(N, K) probabilities. The metadata (METADATA) carries everything needed to use it, so a plain
+onnxruntime.InferenceSession plus the metadata is enough (README: "Using the model without
+retrain"). Built with the onnx library from the cached backbone graph: no torch needed. The
+written model is re-run and compared with the trained head before it is declared written.
+This module imports onnxruntime, numpy and onnx only (never torch).
 """
+
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from retrain import images
+from retrain import __version__
 from retrain.errors import ModelError
+from retrain.run import MODEL as MODEL_FILE
 
-MODEL_FILE = "model.onnx"
-LABELS_FILE = "labels.txt"
 INPUT_SIZES = (16, 4096)  # pixels, as for --input_height / --input_width
 MEAN_RANGE = (-1e4, 1e4)  # as for --input_mean
 STD_RANGE = (1e-6, 1e4)  # as for --input_std
+# The metadata keys retrain writes (model_metadata) and checks on load (validate_metadata).
+METADATA = {
+    "retrain_version": "the retrain that wrote the model",
+    "labels": "JSON list of the class names, in output order",
+    "architecture": "the backbone",
+    "input_name": "the graph's input", "output_name": "the graph's output (probabilities)",
+    "input_size": "side of the square input, pixels", "mean": "subtracted from 0..255 pixels",
+    "std": "pixels are then divided by this", "crop_fraction": "centre crop of the short side",
+    "preprocessing": "the above in words", "metrics": "train/validation/test accuracy at export",
+    "created": "UTC time", "format": "onnx, onnx-int8 or onnx-fp16",
+    "temperature": "folded into the head", "unknown_threshold": "top score under which to answer unknown",
+    "tta": "average with the mirror image by default", "fine_tuned": "the backbone's tail was trained",
+    "optimizer": "how the head was trained", "backbone_precision": "fp32 or int8 backbone graph",
+    "bottleneck_precision": "the precision the head was trained on",
+}
 
 
 def resolve_model_path(model) -> Path:
@@ -134,117 +155,118 @@ def validate_metadata(meta: dict, input_shape=None, output_width=None, *, where=
             bad(key, "the name of one of the model's tensors")
 
 
-def read_labels(path) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip()]
+def attach_head(backbone_onnx, W: np.ndarray, b: np.ndarray, *, output_name: str = "final_result",
+                temperature: float = 1.0):
+    """Backbone features (N, C) -> MatMul W (C, K) -> Add b -> /T -> Softmax -> output_name."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    m = onnx.load(str(backbone_onnx))
+    g = m.graph
+    feat = g.output[0].name
+    W = np.asarray(W, np.float32) / np.float32(temperature)
+    b = np.asarray(b, np.float32) / np.float32(temperature)
+    g.initializer.extend([numpy_helper.from_array(W, "head_weight"),
+                          numpy_helper.from_array(b, "head_bias")])
+    g.node.extend([
+        helper.make_node("MatMul", [feat, "head_weight"], ["head_matmul"], name="head_matmul"),
+        helper.make_node("Add", ["head_matmul", "head_bias"], ["logits"], name="head_add"),
+        helper.make_node("Softmax", ["logits"], [output_name], name="final_softmax", axis=-1),
+    ])
+    del g.output[:]
+    g.output.extend([helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["N", W.shape[1]])])
+    return m
 
 
-class Classifier:
-    """An ONNX Runtime session plus the model's preprocessing.
+def set_metadata(m, meta: dict) -> None:
+    """Store metadata as strings (JSON for non-strings) in metadata_props."""
+    del m.metadata_props[:]
+    for k, v in meta.items():
+        e = m.metadata_props.add()
+        e.key = k
+        e.value = v if isinstance(v, str) else json.dumps(v)
 
-    Codelab-style overrides (labels file, input/output names, size, mean, std) replace what
-    the metadata says; a model without retrain metadata needs at least `labels`.
+
+def model_metadata(*, labels, backbone, metrics, output_name, extra=None) -> dict:
+    import datetime
+
+    pre = backbone.preprocessing()
+    meta = {
+        "retrain_version": __version__,
+        "labels": list(labels),
+        "architecture": backbone.name,
+        "input_name": "input",
+        "output_name": output_name,
+        "input_size": pre["size"],
+        "mean": pre["mean"],
+        "std": pre["std"],
+        "crop_fraction": pre["crop_fraction"],
+        "preprocessing": (f"RGB, centre crop {pre['crop_fraction']:.4f} of the short side, bicubic resize "
+                          f"to {pre['size']}x{pre['size']}, (pixel - {pre['mean']}) / {pre['std']}, NCHW float32"),
+        "metrics": metrics,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "format": "onnx",
+    }
+    meta.update(extra or {})
+    return meta
+
+
+def save_atomic(m, path: Path) -> None:
+    import onnx
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".onnx")
+    os.close(fd)
+    try:
+        onnx.save(m, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a model is meant to be shared
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def verify(model_path, x_uint8: np.ndarray, expected: np.ndarray, *, tol: float = 2e-3) -> float:
+    """Run the written model with a plain InferenceSession and compare with `expected` probs."""
+    from retrain.classifier import Classifier
+
+    clf = Classifier(model_path, provider="cpu")
+    got = clf.predict(x_uint8)
+    diff = float(np.abs(got - expected).max()) if len(expected) else 0.0
+    if diff > tol:
+        raise ModelError(f"exported model disagrees with the trained head (max prob diff {diff:.2e} > {tol})")
+    return diff
+
+
+def write_model(path: Path, backbone, W, b, *, labels, metrics, output_name="final_result",
+                extra_meta=None, temperature: float = 1.0, check=None, precision: str = "fp32",
+                fine_tuned=None) -> float:
+    """Build, save and verify model.onnx: the backbone graph (of the bottlenecks' precision, or
+    the fine-tuned one: a retrain.finetune.FineTuneResult) + the head.
+
+    `check` = (uint8 images, expected probs). Returns the max probability difference.
     """
+    import onnx
 
-    def __init__(self, model, *, provider: str = "auto", threads: int | None = None, labels=None,
-                 input_layer=None, output_layer=None, input_height=None, input_width=None,
-                 input_mean=None, input_std=None, workers: int | None = None):
-        from retrain.runtime import make_session
+    extra = dict(extra_meta or {})
+    with tempfile.TemporaryDirectory(dir=Path(path).parent, prefix=".graph-") as tmp:
+        if fine_tuned is not None:
+            from retrain.finetune import fine_tuned_features_onnx
 
-        self.path = resolve_model_path(model)
-        self.meta = read_metadata(self.path)
-        self.session = make_session(self.path, provider=provider, threads=threads)
-        ins, outs = self.session.get_inputs(), self.session.get_outputs()
-        overridden = {"labels": labels, "input_name": input_layer, "output_name": output_layer,
-                      "mean": input_mean, "std": input_std,
-                      "input_size": input_height if input_width is not None else None}
-        ignore = [k for k, v in overridden.items() if v is not None and v != ""]
-        self.input_name = input_layer or self.meta.get("input_name") or ins[0].name
-        self.output_name = output_layer or self.meta.get("output_name") or outs[0].name
-        names = {k: self.meta[k] for k in ("input_name", "output_name") if k in self.meta}
-        validate_metadata(names, where=self.path, ignore=ignore)  # before they are looked up in the graph
-        if self.input_name not in [i.name for i in ins]:
-            raise ModelError(f"input '{self.input_name}' not in {self.path}; it has "
-                             f"{', '.join(i.name for i in ins)}")
-        if self.output_name not in [o.name for o in outs]:
-            raise ModelError(f"output '{self.output_name}' not in {self.path}; it has "
-                             f"{', '.join(o.name for o in outs)}")
-        out_shape = next(o for o in outs if o.name == self.output_name).shape
-        n_out = out_shape[-1] if out_shape and isinstance(out_shape[-1], int) else None
-        shape = next(i for i in ins if i.name == self.input_name).shape
-        validate_metadata(self.meta, shape, n_out, where=self.path, ignore=ignore)
-        if labels:
-            self.labels = read_labels(labels)
-        elif "labels" in self.meta:
-            self.labels = list(self.meta["labels"])
+            graph = Path(tmp) / "features.onnx"
+            fine_tuned_features_onnx(backbone, fine_tuned, graph)
         else:
-            raise ModelError(f"{self.path} has no retrain metadata (labels); pass --labels FILE "
-                             "and the --input_* flags it was trained with")
-        if n_out is not None and n_out != len(self.labels):
-            raise ModelError(f"labels do not match the model: {len(self.labels)} labels"
-                             f"{' in ' + str(labels) if labels else ''} but the model outputs {n_out} "
-                             "classes; use the labels.txt written with this model")
-        if "input_size" in self.meta and "input_size" not in ignore:
-            height = width = int(self.meta["input_size"])  # checked above
-        else:
-            height = width = 224
-            if len(shape) == 4:  # a model without retrain metadata: the graph's size where fixed
-                height = shape[2] if isinstance(shape[2], int) and shape[2] > 0 else height
-                width = shape[3] if isinstance(shape[3], int) and shape[3] > 0 else width
-        self.height = int(input_height or height)
-        self.width = int(input_width or width)
-        self.mean = input_mean if input_mean is not None else self.meta.get("mean", 128.0)
-        self.std = input_std if input_std is not None else self.meta.get("std", 128.0)
-        self.crop_fraction = float(self.meta.get("crop_fraction", 0.875))
-        self.unknown_threshold = self.meta.get("unknown_threshold")
-        self.workers = workers or min(4, os.cpu_count() or 1)
+            from retrain.backbones import features_onnx
 
-    @property
-    def tta_default(self) -> bool:
-        return bool(self.meta.get("tta", False))
-
-    def load_image(self, source) -> np.ndarray:
-        """Path or bytes -> uint8 (H, W, 3) with this model's preprocessing. Raises ImageError."""
-        return images.load(source, (self.width, self.height), self.crop_fraction)
-
-    def predict(self, batch: np.ndarray, *, tta: bool = False) -> np.ndarray:
-        """uint8 (N, H, W, 3) -> probabilities (N, K). With tta, averages with the mirror image."""
-        return self._predict_normalized(images.normalize(batch, self.mean, self.std), tta)
-
-    def classify_files(self, sources: list, *, batch_size: int = 8, quiet: bool = True,
-                       tta: bool = False):
-        """Probabilities for many files, decoded in threads while the model runs.
-
-        Returns (probs (n, K) with NaN rows for failures, {index: reason}).
-        """
-        from retrain.pipeline import run_pipeline
-
-        probs = np.full((len(sources), len(self.labels)), np.nan, np.float32)
-
-        def on_batch(idx, out):
-            probs[idx] = out
-
-        errors, _ = run_pipeline(list(sources), self.load_image, lambda x: self._predict_normalized(x, tta),
-                                 batch_size=batch_size,
-                                 workers=self.workers, mean=self.mean, std=self.std,
-                                 on_batch=on_batch, desc="Labelling", quiet=quiet)
-        return probs, errors
-
-    def _predict_normalized(self, x: np.ndarray, tta: bool) -> np.ndarray:
-        p = self.session.run([self.output_name], {self.input_name: x})[0]
-        if tta:
-            p = (p + self.session.run([self.output_name], {self.input_name: x[..., ::-1].copy()})[0]) / 2
-        return p
-
-    def top_k(self, p: np.ndarray, k: int = 5) -> list[dict]:
-        order = np.argsort(-p)[: min(k, len(self.labels))]
-        return [{"label": self.labels[i], "score": round(float(p[i]), 6)} for i in order]
-
-    def describe(self) -> dict:
-        """Model facts for people and for the server's /v1/model."""
-        keep = ("architecture", "metrics", "retrain_version", "created", "tta", "unknown_threshold",
-                "temperature", "format")
-        return {"path": str(self.path), "labels": self.labels, "input_name": self.input_name,
-                "output_name": self.output_name, "input_size": [self.height, self.width],
-                "mean": self.mean, "std": self.std, "crop_fraction": self.crop_fraction,
-                **{k: self.meta[k] for k in keep if k in self.meta}}
+            # bf16 bottlenecks come from the fp32 graph run in bf16 (OpenVINO): the model keeps it in fp32.
+            kind = "int8" if precision == "int8" else "fp32"
+            graph = features_onnx(backbone, precision=kind)
+            extra = {"backbone_precision": kind, "bottleneck_precision": precision, **extra}
+        m = attach_head(graph, W, b, output_name=output_name, temperature=temperature)
+    set_metadata(m, model_metadata(labels=labels, backbone=backbone, metrics=metrics, output_name=output_name,
+                                   extra=extra))
+    onnx.checker.check_model(m)
+    save_atomic(m, Path(path))
+    return verify(path, *check) if check is not None else 0.0

@@ -99,7 +99,7 @@ def test_bad_distortion_value_is_one_line(tiny_dataset, tmp_path):
 
 def test_tta_is_recorded_in_the_model_and_averages_the_mirror(tmp_path, tiny_dataset):
     """fit --tta -> label/evaluate use it by default; --no-tta turns it off; TTA = mean with the mirror."""
-    from retrain.model import Classifier
+    from retrain.classifier import Classifier
 
     out = tmp_path / "run"
     run_cli("fit", tiny_dataset, "-o", out, "--tta")

@@ -42,7 +42,7 @@ def test_tail_reproduces_the_frozen_backbone():
 
 
 def test_fine_tune_one_epoch_exports_a_self_contained_model(tmp_path):
-    from retrain.model import Classifier
+    from retrain.classifier import Classifier
 
     data = make_dataset(tmp_path / "images", per_class=8)
     out = tmp_path / "run"

@@ -81,7 +81,7 @@ def test_tensorrt_engine_cache_lives_in_the_retrain_cache(retrain_cache, tmp_pat
 def test_gpu_providers_agree_with_cpu(provider, tiny_run, tmp_path):
     if provider == "tensorrt" and NO_TRT:
         pytest.skip("no TensorRT provider")
-    from retrain.model import Classifier
+    from retrain.classifier import Classifier
 
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (4, 224, 224, 3), dtype=np.uint8)

@@ -1,0 +1,156 @@
+"""Classify photos with a retrain model (a run folder or a model.onnx): `Classifier`.
+
+Used by `retrain label`, `evaluate`, `serve`, `export` and `bench`; reads the model's
+metadata through retrain.model, so the preprocessing can never drift from training's.
+Imports onnxruntime, numpy and Pillow only (never torch), so it starts fast.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from retrain import images
+from retrain.errors import ModelError
+from retrain.model import read_metadata, resolve_model_path, validate_metadata
+
+
+def read_labels(path) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+class Classifier:
+    """An ONNX Runtime session plus the model's preprocessing.
+
+        >>> clf = retrain.Classifier("runs/flowers")
+        >>> clf.classify(["daisy.jpg"], top_k=2)[0]["predictions"]
+        [{'label': 'daisy', 'score': 0.97}, {'label': 'tulips', 'score': 0.01}]
+
+    Codelab-style overrides (labels file, input/output names, size, mean, std) replace what
+    the metadata says; a model without retrain metadata needs at least `labels`.
+    """
+
+    def __init__(self, model, *, provider: str = "auto", threads: int | None = None, labels=None,
+                 input_layer=None, output_layer=None, input_height=None, input_width=None,
+                 input_mean=None, input_std=None, workers: int | None = None):
+        from retrain.runtime import make_session
+
+        self.path = resolve_model_path(model)
+        self.meta = read_metadata(self.path)
+        self.session = make_session(self.path, provider=provider, threads=threads)
+        ins, outs = self.session.get_inputs(), self.session.get_outputs()
+        overridden = {"labels": labels, "input_name": input_layer, "output_name": output_layer,
+                      "mean": input_mean, "std": input_std,
+                      "input_size": input_height if input_width is not None else None}
+        ignore = [k for k, v in overridden.items() if v is not None and v != ""]
+        self.input_name = input_layer or self.meta.get("input_name") or ins[0].name
+        self.output_name = output_layer or self.meta.get("output_name") or outs[0].name
+        names = {k: self.meta[k] for k in ("input_name", "output_name") if k in self.meta}
+        validate_metadata(names, where=self.path, ignore=ignore)  # before they are looked up in the graph
+        if self.input_name not in [i.name for i in ins]:
+            raise ModelError(f"input '{self.input_name}' not in {self.path}; it has "
+                             f"{', '.join(i.name for i in ins)}")
+        if self.output_name not in [o.name for o in outs]:
+            raise ModelError(f"output '{self.output_name}' not in {self.path}; it has "
+                             f"{', '.join(o.name for o in outs)}")
+        out_shape = next(o for o in outs if o.name == self.output_name).shape
+        n_out = out_shape[-1] if out_shape and isinstance(out_shape[-1], int) else None
+        shape = next(i for i in ins if i.name == self.input_name).shape
+        validate_metadata(self.meta, shape, n_out, where=self.path, ignore=ignore)
+        if labels:
+            self.labels = read_labels(labels)
+        elif "labels" in self.meta:
+            self.labels = list(self.meta["labels"])
+        else:
+            raise ModelError(f"{self.path} has no retrain metadata (labels); pass --labels FILE "
+                             "and the --input_* flags it was trained with")
+        if n_out is not None and n_out != len(self.labels):
+            raise ModelError(f"labels do not match the model: {len(self.labels)} labels"
+                             f"{' in ' + str(labels) if labels else ''} but the model outputs {n_out} "
+                             "classes; use the labels.txt written with this model")
+        if "input_size" in self.meta and "input_size" not in ignore:
+            height = width = int(self.meta["input_size"])  # checked above
+        else:
+            height = width = 224
+            if len(shape) == 4:  # a model without retrain metadata: the graph's size where fixed
+                height = shape[2] if isinstance(shape[2], int) and shape[2] > 0 else height
+                width = shape[3] if isinstance(shape[3], int) and shape[3] > 0 else width
+        self.height = int(input_height or height)
+        self.width = int(input_width or width)
+        self.mean = input_mean if input_mean is not None else self.meta.get("mean", 128.0)
+        self.std = input_std if input_std is not None else self.meta.get("std", 128.0)
+        self.crop_fraction = float(self.meta.get("crop_fraction", 0.875))
+        self.unknown_threshold = self.meta.get("unknown_threshold")
+        self.workers = workers or min(4, os.cpu_count() or 1)
+
+    @property
+    def tta_default(self) -> bool:
+        return bool(self.meta.get("tta", False))
+
+    def load_image(self, source) -> np.ndarray:
+        """Path or bytes -> uint8 (H, W, 3) with this model's preprocessing. Raises ImageError."""
+        return images.load(source, (self.width, self.height), self.crop_fraction)
+
+    def predict(self, batch: np.ndarray, *, tta: bool = False) -> np.ndarray:
+        """uint8 (N, H, W, 3) -> probabilities (N, K). With tta, averages with the mirror image."""
+        return self._predict_normalized(images.normalize(batch, self.mean, self.std), tta)
+
+    def classify_files(self, sources: list, *, batch_size: int = 8, quiet: bool = True,
+                       tta: bool = False):
+        """Probabilities for many files, decoded in threads while the model runs.
+
+        Returns (probs (n, K) with NaN rows for failures, {index: reason}).
+        """
+        from retrain.pipeline import run_pipeline
+
+        probs = np.full((len(sources), len(self.labels)), np.nan, np.float32)
+
+        def on_batch(idx, out):
+            probs[idx] = out
+
+        errors, _ = run_pipeline(list(sources), self.load_image, lambda x: self._predict_normalized(x, tta),
+                                 batch_size=batch_size,
+                                 workers=self.workers, mean=self.mean, std=self.std,
+                                 on_batch=on_batch, desc="Labelling", quiet=quiet)
+        return probs, errors
+
+    def classify(self, sources: list, *, top_k: int = 5, batch_size: int = 8, tta: bool | None = None,
+                 quiet: bool = True) -> list[dict]:
+        """[{path, label, predictions: [{label, score}]} or {path, error}] for each source (a path
+        or bytes). `label` is "unknown" under the model's unknown_threshold. tta None: as the
+        model says."""
+        tta = self.tta_default if tta is None else tta
+        probs, errors = self.classify_files(sources, batch_size=batch_size, quiet=quiet, tta=tta)
+        results = []
+        for i, src in enumerate(sources):
+            name = src if isinstance(src, (str, os.PathLike)) else f"<bytes {i}>"
+            if i in errors:
+                results.append({"path": name, "error": errors[i]})
+                continue
+            preds = self.top_k(probs[i], top_k)
+            best = preds[0]["label"]
+            if self.unknown_threshold is not None and preds[0]["score"] < self.unknown_threshold:
+                best = "unknown"
+            results.append({"path": name, "label": best, "predictions": preds})
+        return results
+
+    def _predict_normalized(self, x: np.ndarray, tta: bool) -> np.ndarray:
+        p = self.session.run([self.output_name], {self.input_name: x})[0]
+        if tta:
+            p = (p + self.session.run([self.output_name], {self.input_name: x[..., ::-1].copy()})[0]) / 2
+        return p
+
+    def top_k(self, p: np.ndarray, k: int = 5) -> list[dict]:
+        order = np.argsort(-p)[: min(k, len(self.labels))]
+        return [{"label": self.labels[i], "score": round(float(p[i]), 6)} for i in order]
+
+    def describe(self) -> dict:
+        """Model facts for people and for the server's /v1/model."""
+        keep = ("architecture", "metrics", "retrain_version", "created", "tta", "unknown_threshold",
+                "temperature", "format")
+        return {"path": str(self.path), "labels": self.labels, "input_name": self.input_name,
+                "output_name": self.output_name, "input_size": [self.height, self.width],
+                "mean": self.mean, "std": self.std, "crop_fraction": self.crop_fraction,
+                **{k: self.meta[k] for k in keep if k in self.meta}}
