@@ -99,7 +99,8 @@ def _cheap_findings(s) -> dict:
     for c in s.classes:
         cdir = rootp / c
         try:
-            subs = [d for d in cdir.iterdir() if d.is_dir() and not d.name.startswith(".")]
+            # A symlink is not followed into another class's folder: the scan skips it and says so.
+            subs = [d for d in cdir.iterdir() if d.is_dir() and not d.is_symlink() and not d.name.startswith(".")]
         except OSError:
             continue
         for d in subs:
@@ -154,8 +155,10 @@ def _warnings(f: dict) -> list[str]:
                  f"{_examples(col['names'], root)}")
     if f["non_image_files"]:
         w.append(f"{len(f['non_image_files'])} non-image file(s) ignored: {_examples(f['non_image_files'], root)}")
-    for u in f["unreadable"][:MAX_LISTED]:
-        w.append(f"unreadable: {_rel(u['path'], root)}: {u['reason']}")
+    for u in f["unreadable"][:MAX_LISTED]:  # everything the scan left out: unreadable files, loops...
+        w.append(f"skipped {_rel(u['path'], root)}: {u['reason']}")
+    if len(f["unreadable"]) > MAX_LISTED:
+        w.append(f"... and {len(f['unreadable']) - MAX_LISTED} more skipped")
     for st in f["stray"][:MAX_LISTED]:
         w.append(f"{_rel(st['path'], root)}: {st['reason']}")
     for c in f.get("corrupt", [])[:MAX_LISTED]:
@@ -322,7 +325,7 @@ def format_check(f: dict) -> str:
     im = f.get("imbalance")
     if im:
         lines.append(f"  imbalance: largest/smallest = {im['ratio']:g}")
-    lines.append(f"corrupt or unreadable: {len(f.get('corrupt', [])) + len(f['unreadable'])}, "
+    lines.append(f"corrupt or skipped: {len(f.get('corrupt', [])) + len(f['unreadable'])}, "
                  f"tiny: {len(f.get('tiny', []))}, exact duplicate groups: {len(f['exact_duplicates'])}, "
                  f"near-duplicate groups: {len(f.get('near_duplicates', []))}, "
                  f"non-image files: {len(f['non_image_files'])}, stray: {len(f['stray'])}, "
@@ -349,6 +352,8 @@ def problem_count(f: dict) -> int:
 
 
 def add_arguments(p) -> None:
+    from retrain.config import bounded
+
     p.add_argument("image_dir", help="folder with one subfolder of photos per class")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--no-near", dest="near", action="store_false",
@@ -357,7 +362,7 @@ def add_arguments(p) -> None:
                    help=f"pHash bits (of 64) that may differ for a near duplicate (default {NEAR_DISTANCE})")
     p.add_argument("--min-size", type=int, default=TINY_SIDE,
                    help=f"shorter side in pixels below which an image counts as tiny (default {TINY_SIDE})")
-    p.add_argument("--workers", type=int, default=0, help="decoding threads (0: one per core, at most 4)")
+    p.add_argument("--workers", type=bounded(int, 0, 256, "--workers"), default=0, help="decoding threads (0: one per core, at most 4)")
     p.add_argument("--strict", action="store_true", help="exit with status 1 when anything is flagged")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 

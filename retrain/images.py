@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -28,7 +29,10 @@ def image_extensions() -> frozenset[str]:
         from PIL import Image
 
         Image.init()
-        _EXTENSIONS = frozenset(ext.lower() for ext in Image.registered_extensions())
+        # PostScript and PDF are not photos, and Pillow renders them by running Ghostscript on
+        # the file: never on a user's files.
+        _EXTENSIONS = frozenset(ext.lower() for ext, fmt in Image.registered_extensions().items()
+                                if fmt not in ("EPS", "PDF"))
     return _EXTENSIONS
 
 
@@ -44,7 +48,8 @@ def _to_rgb(im):
         return im
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         # Wide greyscale: scale the actual range to 0..255 rather than clipping it.
-        a = np.asarray(im, dtype=np.float32)
+        # NaN or infinite pixels (a float image, a broken file): black, not a NaN scale for all.
+        a = np.nan_to_num(np.asarray(im, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
         hi = 65535.0 if im.mode.startswith("I;16") else max(float(a.max()), 1.0)
         a = np.clip(a * (255.0 / hi), 0, 255).astype(np.uint8)
         return Image.fromarray(a, "L").convert("RGB")
@@ -58,49 +63,78 @@ def _to_rgb(im):
     return im.convert("RGB")
 
 
+def _reason(e: Exception) -> str:
+    """What went wrong while opening or decoding an image, in words, from the exception."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return f"refused as a possible decompression bomb ({e})"
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image Pillow can read"
+    if isinstance(e, FileNotFoundError):
+        return "file not found"
+    if isinstance(e, (OSError, SyntaxError, ValueError, EOFError)):
+        msg = str(e) or type(e).__name__
+        return "image file is truncated" if "truncated" in msg else msg
+    # Any other type (TypeError, KeyError, NotImplementedError, RuntimeError...): a decoder met
+    # bytes it did not expect. It is this image's problem, never the caller's.
+    return f"cannot decode ({type(e).__name__}: {e})" if str(e) else f"cannot decode ({type(e).__name__})"
+
+
+@contextmanager
+def _image_errors(name):
+    """Inside: any exception from opening or decoding the image `name` becomes its ImageError.
+    KeyboardInterrupt and SystemExit pass (they are not Exceptions); MemoryError is the image's
+    fault too (a header that asks for a huge buffer)."""
+    try:
+        yield
+    except ImageError:
+        raise
+    except MemoryError:
+        raise ImageError(f"{name}: too large to decode") from None
+    except Exception as e:
+        raise ImageError(f"{name}: {_reason(e)}") from None
+
+
+def _name(source) -> str:
+    return source if isinstance(source, (str, os.PathLike)) else "<bytes>"
+
+
 def open_image(source, *, draft_size: int | None = None, max_pixels: int = MAX_PIXELS):
     """Open a path or bytes as an RGB Pillow image, EXIF orientation applied.
 
     draft_size: for JPEG, let the decoder scale down by 1/2, 1/4 or 1/8 while keeping both
     sides at least this large (DCT-domain scaling: much faster than decoding full size).
-    Raises ImageError with the reason for anything that is not a readable image.
+    Raises ImageError with the reason for anything that is not a readable image, whatever
+    the decoder raised.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    name = _name(source)
+    with _image_errors(name):
+        return _decode(source, name, draft_size, max_pixels)
 
-    name = source if isinstance(source, (str, os.PathLike)) else "<bytes>"
-    try:
-        fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(fp)
-        w, h = im.size
-        if w * h > max_pixels:
-            raise ImageError(
-                f"{name}: {w}x{h} = {w * h:,} pixels is over the limit of {max_pixels:,} "
-                f"(possible decompression bomb); set RETRAIN_MAX_PIXELS to allow larger images"
-            )
-        if w < 1 or h < 1:
-            raise ImageError(f"{name}: image has no pixels ({w}x{h})")
-        if getattr(im, "n_frames", 1) > 1:
-            im.seek(0)  # GIF/WebP/TIFF animations: first frame
-        if draft_size and im.format == "JPEG":
-            im.draft("RGB", (draft_size, draft_size))
-        im.load()
-        ImageOps.exif_transpose(im, in_place=True)  # in place: no copy of every upright photo
-        return _to_rgb(im)
-    except ImageError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"{name}: refused as a possible decompression bomb ({e})") from None
-    except UnidentifiedImageError:
-        raise ImageError(f"{name}: not an image Pillow can read") from None
-    except FileNotFoundError:
-        raise ImageError(f"{name}: file not found") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        msg = str(e) or type(e).__name__
-        if "truncated" in msg:
-            msg = "image file is truncated"
-        raise ImageError(f"{name}: {msg}") from None
+
+def _decode(source, name, draft_size, max_pixels):
+    from PIL import Image, ImageOps
+
+    fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        im = Image.open(fp)
+    w, h = im.size
+    if w * h > max_pixels:
+        raise ImageError(
+            f"{name}: {w}x{h} = {w * h:,} pixels is over the limit of {max_pixels:,} "
+            f"(possible decompression bomb); set RETRAIN_MAX_PIXELS to allow larger images"
+        )
+    if w < 1 or h < 1:
+        raise ImageError(f"{name}: image has no pixels ({w}x{h})")
+    if getattr(im, "n_frames", 1) > 1:
+        im.seek(0)  # GIF/WebP/TIFF animations: first frame
+    if draft_size and im.format == "JPEG":
+        im.draft("RGB", (draft_size, draft_size))
+    im.load()
+    ImageOps.exif_transpose(im, in_place=True)  # in place: no copy of every upright photo
+    return _to_rgb(im)
 
 
 def _wh(size) -> tuple[int, int]:
@@ -129,7 +163,8 @@ def load(source, size, crop_fraction: float, *, max_pixels: int = MAX_PIXELS) ->
     # Draft so that the crop still has at least `size` pixels: no loss of detail.
     draft = int(np.ceil(max(_wh(size)) / crop_fraction))
     im = open_image(source, draft_size=draft, max_pixels=max_pixels)
-    return center_crop_resize(im, size, crop_fraction)
+    with _image_errors(_name(source)):  # resampling can still meet a bad image (e.g. a lazy tile)
+        return center_crop_resize(im, size, crop_fraction)
 
 
 def normalize(batch: np.ndarray, mean: float | list, std: float | list) -> np.ndarray:

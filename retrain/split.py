@@ -23,10 +23,23 @@ MIN_IMAGES_PER_CLASS = 3
 SPLITS = ("train", "validation", "test")
 
 
-def hash_percentage(file_name: str) -> float:
+def name_bytes(name: str | bytes) -> bytes:
+    """A file name as the bytes it has on disk. A UTF-8 name gives its UTF-8 bytes (the codelab's
+    hash is unchanged); a byte that is not UTF-8 (Python keeps it as a lone surrogate, 'caf\\udce9')
+    gives that byte back instead of raising UnicodeEncodeError. The same on every machine: it
+    does not depend on the locale, as os.fsencode would with a legacy file system encoding."""
+    if isinstance(name, bytes):
+        return name
+    try:
+        return name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that stands for no byte (possible on Windows)
+        return name.encode("utf-8", "surrogatepass")
+
+
+def hash_percentage(file_name: str | bytes) -> float:
     """The codelab's rule: where this file's name falls in [0, 100)."""
-    base = re.sub(r"_nohash_.*$", "", os.path.basename(file_name))
-    h = int(hashlib.sha1(base.encode("utf-8")).hexdigest(), 16)
+    base = re.sub(rb"_nohash_.*$", b"", os.path.basename(name_bytes(file_name)))
+    h = int(hashlib.sha1(base).hexdigest(), 16)
     return (h % (MAX_NUM_IMAGES_PER_CLASS + 1)) * (100.0 / MAX_NUM_IMAGES_PER_CLASS)
 
 

@@ -105,3 +105,20 @@ def test_normalize_layout_and_values():
     x = images.normalize(batch, 127.0, 128.0)
     assert x.shape == (2, 3, 4, 4) and x.dtype == np.float32
     assert np.allclose(x, 1.0)
+
+
+def test_float_image_with_nan_and_infinite_pixels_keeps_its_range(tmp_path):
+    # Before: one NaN made the scale NaN, so every pixel was cast from NaN (undefined; black here).
+    a = np.linspace(0, 1000, 64 * 64, dtype=np.float32).reshape(64, 64)
+    a[:8, :8] = np.nan
+    a[:8, 8:16] = np.inf
+    a[:8, 16:24] = -np.inf
+    p = _save(Image.fromarray(a, "F"), tmp_path / "float.tif")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # "invalid value encountered in cast"
+        out = np.asarray(images.open_image(p))
+    assert out.shape == (64, 64, 3)
+    assert out[:8, :24].max() == 0  # not-a-number pixels are black...
+    assert out[-1, -1].min() > 245 and out[32, 32].min() > 100  # ...and the rest keeps its range
