@@ -10,21 +10,30 @@
 
 Requests are decoded in a thread pool (off the event loop) and queued for a micro-batcher that
 hands whatever has arrived, up to --max-batch images, to ONNX Runtime in a worker thread:
-concurrent requests share model calls (on a CPU, one single-threaded call per core at once). Every input is bounded: body size (--max-upload-mb), decoded pixels
-(images.MAX_PIXELS), images per batch request, requests in flight. The server never takes a file
-path from a request: the page's three files are read from the package once, at start.
+concurrent requests share model calls (on a CPU, one single-threaded call per core at once).
+Every input is bounded: body size (--max-upload-mb), pixels per image (images.MAX_PIXELS),
+decoded pixels per request (--max-request-pixels) and in flight (--max-inflight-pixels: memory),
+images per batch request, requests in flight. An early answer (413, 401, 503) waits until the
+client's body has arrived (up to a bound), so clients that write the whole body before reading
+(urllib, requests) get it. The server never takes a file path from a request: the page's three files are read from
+the package once, at start.
 """
 
 import asyncio
 import base64
 import copy
 import hashlib
+import heapq
 import hmac
+import io
 import ipaddress
+import itertools
+import math
 import os
 import queue
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,6 +41,13 @@ from retrain.errors import ConfigError, ImageError, MissingDependency
 
 API_KEY_ENV = "RETRAIN_API_KEY"
 DEFAULT_MAX_UPLOAD_MB = 10.0
+MAX_UPLOAD_MB = 1024.0
+# Decoded pixels: one request's images together, and all images being decoded at once (each
+# pixel costs 3-4 bytes while decoding; a photo is then cut down to the model's input size).
+DEFAULT_MAX_REQUEST_PIXELS = 256_000_000
+DEFAULT_MAX_INFLIGHT_PIXELS = 128_000_000
+PIXELS_RANGE = (1_000_000, 100_000_000_000)
+PIXEL_WAIT_S = 10.0            # an image waits this long for room in the in-flight budget, then 503
 MAX_BATCH_IMAGES = 32          # images in one /v1/classify/batch request
 MAX_TOP_K = 1000
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -82,6 +98,144 @@ def image_error(e: ImageError, name: str | None = None) -> ApiError:
     if "not an image" in low:
         return ApiError(422, "not_an_image", msg)
     return ApiError(422, "bad_image", msg)
+
+
+def decoder_error(e: Exception, name: str | None = None) -> ApiError:
+    """Any other exception out of a decoder (Pillow's plugins raise TypeError, struct.error,
+    NotImplementedError... on malformed files) -> 422 for that image, never a 500."""
+    detail = str(e)[:200] or type(e).__name__
+    return ApiError(422, "bad_image", f"{name + ': ' if name else ''}the image could not be decoded "
+                                      f"({type(e).__name__}: {detail})")
+
+
+def decoded_pixels(data: bytes, draft: int) -> int:
+    """The pixels decoding `data` will allocate, from its header alone (nothing is decoded): w x h,
+    or for a JPEG the reduced size its decoder scales to (images.load drafts JPEGs to `draft`).
+    0 for what Pillow cannot open or the decoder refuses outright (over images.MAX_PIXELS): the
+    decoder then says what is wrong, before it allocates anything."""
+    from PIL import Image
+
+    from retrain import images
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as im:
+                if im.format == "JPEG":
+                    im.draft("RGB", (draft, draft))
+                w, h = im.size
+    except Exception:  # noqa: BLE001 - any failure here is reported by the decoder
+        return 0
+    n = int(w) * int(h)
+    return n if 0 < n <= images.MAX_PIXELS else 0
+
+
+class PixelBudget:
+    """Decoded pixels in flight over all requests, bounded: memory, and the wait behind them.
+
+    An image takes its pixel count (from its header) before it is queued to decode and gives it
+    back once decoded (to the model's input size). When the budget is spent it waits, smallest
+    image first, so a photo is never stuck behind a flood of huge ones, for at most `wait_s`; then
+    `take` says no (the caller answers 503). Used from the event loop only, so no lock.
+    """
+
+    def __init__(self, total: int, wait_s: float = PIXEL_WAIT_S):
+        self.total, self.wait_s, self.used = int(total), float(wait_s), 0
+        self._waiting: list = []  # heap of (pixels, arrival, future)
+        self._arrivals = itertools.count()
+
+    async def take(self, n: int) -> bool:
+        # Every waiter needs more than is free (give() hands out whatever fits), so an image
+        # that fits now is smaller than all of them and passes none over.
+        if self.used + n <= self.total:
+            self.used += n
+            return True
+        fut = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting, (n, next(self._arrivals), fut))
+        try:
+            await asyncio.wait([fut], timeout=self.wait_s)
+        except BaseException:  # the request was cancelled while it waited
+            if fut.done() and not fut.cancelled():
+                self.give(n)
+            fut.cancel()
+            raise
+        if fut.done():
+            return True
+        fut.cancel()  # left in the heap; give() skips it
+        return False
+
+    def give(self, n: int) -> None:
+        self.used -= n
+        while self._waiting and (self._waiting[0][2].done() or
+                                 self.used + self._waiting[0][0] <= self.total):
+            need, _, fut = heapq.heappop(self._waiting)
+            if not fut.done():
+                self.used += need
+                fut.set_result(None)
+
+
+class DrainUnreadBody:
+    """Reads and discards what is left of a request body before an early answer goes out.
+
+    An answer sent before the body has arrived (413 on Content-Length, 401, 415, 503) is otherwise
+    followed by closing a connection the client is still writing to: clients that write the whole
+    body before they read (Python's urllib, requests) see a reset, not the answer. At most `limit`
+    bytes within `timeout_s` are read; past that (or a Content-Length over it) the answer goes out
+    at once with `Connection: close`. A client that sent `Expect: 100-continue` is answered at once
+    too: it waits for the answer and sends no body.
+    """
+
+    def __init__(self, app, limit: int, timeout_s: float):
+        self.app, self.limit, self.timeout_s = app, int(limit), float(timeout_s)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        seen = {"asked": False, "bytes": 0, "done": False}
+
+        async def counting_receive():
+            seen["asked"] = True
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen["bytes"] += len(msg.get("body", b""))
+                seen["done"] = not msg.get("more_body", False)
+            else:  # http.disconnect
+                seen["done"] = True
+            return msg
+
+        async def send_after_body(msg):
+            if msg["type"] == "http.response.start" and not seen["done"]:
+                headers = list(msg.get("headers", []))
+                if not await self._drain(scope, headers, counting_receive, seen):
+                    msg = {**msg, "headers": [*headers, (b"connection", b"close")]}
+            await send(msg)
+
+        await self.app(scope, counting_receive, send_after_body)
+
+    async def _drain(self, scope, answer_headers, receive, seen) -> bool:
+        """True once the whole body has arrived (the connection can stay open)."""
+        if (b"connection", b"close") in [(k.lower(), v.lower()) for k, v in answer_headers]:
+            return False  # the answer closes the connection anyway (a body that came too slowly)
+        req = {k.lower(): v for k, v in scope.get("headers") or []}
+        if not seen["asked"] and req.get(b"expect", b"").lower() == b"100-continue":
+            return False
+        try:
+            if int(req.get(b"content-length", b"0")) > self.limit:
+                return False
+        except ValueError:
+            return False
+
+        async def rest() -> bool:
+            while not seen["done"]:
+                if seen["bytes"] > self.limit:
+                    return False
+                await receive()
+            return True
+
+        try:
+            return await asyncio.wait_for(rest(), self.timeout_s)
+        except asyncio.TimeoutError:
+            return False
 
 
 class MicroBatcher:
@@ -305,11 +459,26 @@ async def read_files(request, limit: int, max_files: int, timeout_s: float = 30.
     return out
 
 
+def check_range(flag: str, value, lo, hi, *, above: bool = False) -> None:
+    """ConfigError unless lo <= value <= hi (lo < value with `above`); NaN and infinities never pass."""
+    try:
+        ok = math.isfinite(value) and (value > lo if above else value >= lo) and value <= hi
+    except TypeError:
+        ok = False
+    if not ok:
+        def fmt(x):
+            return f"{x:,}" if isinstance(x, int) else f"{x:g}"
+        low = f"above {fmt(lo)}" if above else f"at least {fmt(lo)}"
+        raise ConfigError(f"{flag} must be {low} and at most {fmt(hi)}, got {value}")
+
+
 def create_app(model, *, api_key: str | None = None, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
                max_batch: int | None = None, batch_wait_ms: float | None = None, top_k: int = 5,
                provider: str = "auto",
                threads: int | None = None, cores: int | None = None, max_pending: int = 64,
-               body_timeout_s: float = 30.0, decode_workers: int | None = None):
+               body_timeout_s: float = 30.0, decode_workers: int | None = None,
+               max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS,
+               max_inflight_pixels: int = DEFAULT_MAX_INFLIGHT_PIXELS):
     """The FastAPI app serving `model` (a run folder or .onnx). Loads the model now, so a bad
     model is a ModelError before anything listens."""
     try:
@@ -322,21 +491,20 @@ def create_app(model, *, api_key: str | None = None, max_upload_mb: float = DEFA
                                 "install them with: pip install 'retrain[serve]'") from None
     from contextlib import asynccontextmanager
 
-    from retrain.model import Classifier
+    from retrain.classifier import Classifier
 
-    if max_upload_mb <= 0:
-        raise ConfigError(f"--max-upload-mb must be above 0, got {max_upload_mb}")
-    if max_batch is not None and not 1 <= max_batch <= 256:
-        raise ConfigError(f"--max-batch must be between 1 and 256, got {max_batch}")
-    if batch_wait_ms is not None and not 0 <= batch_wait_ms <= 1000:
-        raise ConfigError(f"--batch-wait-ms must be between 0 and 1000, got {batch_wait_ms}")
-    if not 1 <= max_pending <= 100_000:
-        raise ConfigError(f"--max-pending must be between 1 and 100000, got {max_pending}")
-    if not 0 < body_timeout_s <= 3600:
-        raise ConfigError(f"--body-timeout-s must be above 0 and at most 3600, got {body_timeout_s}")
+    check_range("--max-upload-mb", max_upload_mb, 0, MAX_UPLOAD_MB, above=True)
+    if max_batch is not None:
+        check_range("--max-batch", max_batch, 1, 256)
+    if batch_wait_ms is not None:
+        check_range("--batch-wait-ms", batch_wait_ms, 0, 1000)
+    check_range("--max-pending", max_pending, 1, 100_000)
+    check_range("--body-timeout-s", body_timeout_s, 0, 3600, above=True)
+    check_range("--max-request-pixels", max_request_pixels, *PIXELS_RANGE)
+    check_range("--max-inflight-pixels", max_inflight_pixels, *PIXELS_RANGE)
     cores = cores or os.cpu_count() or 1
-    if threads is not None and threads < 1:
-        raise ConfigError(f"--threads must be at least 1, got {threads}")
+    if threads is not None:
+        check_range("--threads", threads, 1, 1024)
     clf = Classifier(model, provider=provider, threads=threads)
     on_cpu = clf.session.get_providers()[0] == "CPUExecutionProvider"
     if on_cpu:
@@ -352,11 +520,17 @@ def create_app(model, *, api_key: str | None = None, max_upload_mb: float = DEFA
     max_batch = max_batch or (4 if on_cpu else 32)
     batch_wait_ms = (0.0 if on_cpu else 2.0) if batch_wait_ms is None else batch_wait_ms
     mid = model_id(clf.path, clf.meta.get("architecture"))
-    limit = int(max_upload_mb * 1024 * 1024)
+    limit = max(1, int(max_upload_mb * 1024 * 1024))
+    # The largest JPEG draft images.load asks for (the crop must keep the model's input size).
+    draft = math.ceil(max(clf.width, clf.height) / clf.crop_fraction)
+    budget = PixelBudget(max_inflight_pixels)
+    image_cap = min(max_request_pixels, max_inflight_pixels)  # one image must fit in both
     default_k = max(1, min(int(top_k), len(clf.labels)))
     pages = {url: ((STATIC_DIR / name).read_bytes(), ctype) for url, (name, ctype) in STATIC_FILES.items()}
     decode_pool = ThreadPoolExecutor(decode_workers or max(2, cores),
                                      thread_name_prefix="retrain-decode")
+    # Headers are read apart from the decodes: a photo's header never queues behind huge images.
+    header_pool = ThreadPoolExecutor(2, thread_name_prefix="retrain-header")
     slots = [clf]
     for _ in range(parallel - 1):
         twin = copy.copy(clf)
@@ -371,6 +545,7 @@ def create_app(model, *, api_key: str | None = None, max_upload_mb: float = DEFA
         yield
         await batcher.stop()
         decode_pool.shutdown(wait=False)
+        header_pool.shutdown(wait=False)
 
     app = FastAPI(title="retrain", version=str(clf.meta.get("retrain_version", "")), lifespan=lifespan,
                   docs_url=None, redoc_url=None,  # their pages load assets from a CDN
@@ -405,14 +580,52 @@ def create_app(model, *, api_key: str | None = None, max_upload_mb: float = DEFA
         print(f"retrain serve: internal error: {type(e).__name__}: {e}", file=sys.stderr)
         return json_error(500, "internal_error", f"internal error ({type(e).__name__}); the server keeps running")
 
-    async def decode(data: bytes, name: str | None):
-        """Bytes -> uint8 (H, W, 3) in the decode pool (off the event loop), or a 4xx ApiError."""
+    async def pixels_of(data: bytes) -> int:
+        return await asyncio.get_running_loop().run_in_executor(header_pool, decoded_pixels, data, draft)
+
+    def over_budget(name: str | None, n: int, left: int) -> ApiError | None:
+        """413 for an image that needs more pixels than one image may, or than its request has left."""
+        who = f"{name}: " if name else ""
+        if n > image_cap:
+            flag = "--max-request-pixels" if image_cap == max_request_pixels else "--max-inflight-pixels"
+            return ApiError(413, "image_too_large", f"{who}decoding it takes {n:,} pixels, over this "
+                                                    f"server's limit of {image_cap:,} pixels per image ({flag})")
+        if n > left:
+            return ApiError(413, "too_many_pixels",
+                            f"{who}the images of this request take more than the {max_request_pixels:,} "
+                            "pixels one request may decode (the server's --max-request-pixels); send "
+                            "this one in another request")
+        return None
+
+    async def refuse(e: ApiError):
+        """Stands in gather() for an image refused before decoding, so results keep their order."""
+        raise e
+
+    async def decode(data: bytes, name: str | None, pixels: int):
+        """Bytes -> uint8 (H, W, 3) in the decode pool (off the event loop), or a 4xx/503 ApiError.
+        `pixels` (from the header) are held from the in-flight budget until the decoder is done."""
         if not data:
             raise ApiError(400, "empty_image", f"{name + ': ' if name else ''}the image is empty (0 bytes)")
+        if not await budget.take(pixels):
+            raise ApiError(503, "busy", f"{name + ': ' if name else ''}the server is decoding "
+                                        f"{budget.used:,} pixels of other images; retry shortly",
+                           {"Retry-After": "1"})
+        loop = asyncio.get_running_loop()
+
+        def done(_):  # in the decode thread: hand the pixels back on the event loop
+            try:
+                loop.call_soon_threadsafe(budget.give, pixels)
+            except RuntimeError:  # the loop has closed: the server is stopping
+                pass
+
+        job = decode_pool.submit(clf.load_image, data)
+        job.add_done_callback(done)  # when the decoder really finishes, even if this request is cancelled
         try:
-            return await asyncio.get_running_loop().run_in_executor(decode_pool, clf.load_image, data)
+            return await asyncio.wrap_future(job)
         except ImageError as e:
             raise image_error(e, name) from None
+        except Exception as e:  # noqa: BLE001 - whatever a decoder raises is this image's fault
+            raise decoder_error(e, name) from None
 
     async def infer(image, name: str | None, tta: bool, k: int, t0: float, t1: float) -> dict:
         probs, batch_size = await batcher.classify(image, tta)
@@ -432,7 +645,11 @@ def create_app(model, *, api_key: str | None = None, max_upload_mb: float = DEFA
 
     async def classify_one(data: bytes, name: str | None, tta: bool, k: int) -> dict:
         t0 = time.perf_counter()
-        image = await decode(data, name)
+        pixels = await pixels_of(data)
+        refused = over_budget(name, pixels, max_request_pixels)
+        if refused:
+            raise refused
+        image = await decode(data, name, pixels)
         return await infer(image, name, tta, k, t0, time.perf_counter())
 
     class Admitted:
@@ -451,10 +668,11 @@ def create_app(model, *, api_key: str | None = None, max_upload_mb: float = DEFA
     err_schema = {"$ref": "#/components/schemas/Error"}
     errors_doc = {str(s): {"description": d, "content": {"application/json": {"schema": err_schema}}}
                   for s, d in ((400, "empty or malformed body"), (401, "missing or wrong API key"),
-                               (413, "body over the size limit, or too many pixels"),
+                               (413, "body over the size limit, or too many pixels (per image or per request)"),
                                (415, "a Content-Type that is not an image or multipart"),
                                (408, "the body arrived too slowly"),
-                               (422, "not a readable image, or a bad parameter"), (503, "too busy"))}
+                               (422, "not a readable image, or a bad parameter"),
+                               (503, "too busy: too many requests or pixels in flight; see Retry-After"))}
 
     def spec(body: dict, ok_schema: str) -> dict:
         return {"requestBody": {"required": True, "content": body},
@@ -525,7 +743,14 @@ def create_app(model, *, api_key: str | None = None, max_upload_mb: float = DEFA
 
             # Decode all, then queue all at once: the batcher then runs them in shared model calls.
             t0 = time.perf_counter()
-            decoded = await asyncio.gather(*(decode(d, n) for n, d in files), return_exceptions=True)
+            pixels = await asyncio.gather(*(pixels_of(d) for _, d in files))
+            left, jobs = max_request_pixels, []
+            for (n, d), px in zip(files, pixels):  # in order: which images fit does not depend on timing
+                refused = over_budget(n, px, left)
+                if refused is None:
+                    left -= px
+                jobs.append(refuse(refused) if refused else decode(d, n, px))
+            decoded = await asyncio.gather(*jobs, return_exceptions=True)
             t1 = time.perf_counter()
 
             async def one(name, image):
@@ -544,7 +769,8 @@ def create_app(model, *, api_key: str | None = None, max_upload_mb: float = DEFA
         info.pop("path", None)  # the server's file layout is not the client's business
         return {"model_id": mid, "file": clf.path.name, **info,
                 "limits": {"max_upload_bytes": limit, "max_batch_images": MAX_BATCH_IMAGES,
-                           "max_pixels": _max_pixels(), "default_top_k": default_k}}
+                           "max_pixels": _max_pixels(), "max_request_pixels": max_request_pixels,
+                           "max_inflight_pixels": max_inflight_pixels, "default_top_k": default_k}}
 
     @app.get("/healthz", summary="Liveness: 200 while the server can classify")
     async def healthz():
@@ -568,6 +794,9 @@ def create_app(model, *, api_key: str | None = None, max_upload_mb: float = DEFA
     _add_schemas(app)
     if api_key:
         app.add_middleware(ApiKeyMiddleware, key=api_key)
+    # Added last, so outermost: it also holds back the API key's 401 until the body is in.
+    app.add_middleware(DrainUnreadBody, limit=min(4 * limit, limit + 64 * 1024 * 1024),
+                       timeout_s=body_timeout_s)
     return app
 
 
@@ -658,11 +887,32 @@ def add_arguments(p) -> None:
                    help="requests in flight before new ones get 503 (default 64; bounds memory)")
     p.add_argument("--body-timeout-s", "--body_timeout_s", type=float, default=30.0,
                    help="seconds a request body may take to arrive (default 30)")
+    p.add_argument("--max-request-pixels", "--max_request_pixels", type=_pixels, default=DEFAULT_MAX_REQUEST_PIXELS, metavar="N",
+                   help="decoded pixels one request may take, all its images together (default "
+                        f"{DEFAULT_MAX_REQUEST_PIXELS:,}; a JPEG counts at the reduced size it is decoded at); "
+                        "past it: 413")
+    p.add_argument("--max-inflight-pixels", "--max_inflight_pixels", type=_pixels, default=DEFAULT_MAX_INFLIGHT_PIXELS, metavar="N",
+                   help=f"pixels being decoded at once over all requests (default {DEFAULT_MAX_INFLIGHT_PIXELS:,}: "
+                        "bounds memory, 3-4 bytes each); an image waits for room, smallest first, "
+                        f"up to {PIXEL_WAIT_S:g} s, then 503")
     p.add_argument("--top-k", "--top_k", type=int, default=5, help="labels per image unless ?top_k= (default 5)")
     p.add_argument("--provider", default="auto", help="auto, cpu, cuda or tensorrt")
     p.add_argument("--threads", type=int, default=None,
                    help="ONNX Runtime threads per model call (default on CPU: 1, with one call per core at once)")
     p.add_argument("-q", "--quiet", action="store_true", help="no per-request log lines")
+
+
+def _pixels(v: str) -> int:
+    """A pixel count for argparse: 256000000 or 2.56e8."""
+    import argparse
+
+    try:
+        f = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a number of pixels such as 128000000 or 1.28e8, got '{v}'") from None
+    if not math.isfinite(f) or f != int(f):
+        raise argparse.ArgumentTypeError(f"expects a whole number of pixels, got '{v}'")
+    return int(f)
 
 
 _ENV_CONFIG = "RETRAIN_SERVE_CONFIG"
@@ -713,17 +963,16 @@ def main(args) -> int:
     except ImportError:
         raise MissingDependency("retrain serve needs uvicorn; install it with: pip install 'retrain[serve]'") from None
 
-    if args.workers < 1 or args.workers > 64:
-        raise ConfigError(f"--workers must be between 1 and 64, got {args.workers}")
-    if not 1 <= args.top_k <= MAX_TOP_K:
-        raise ConfigError(f"--top-k must be between 1 and {MAX_TOP_K}, got {args.top_k}")
+    check_range("--workers", args.workers, 1, 64)
+    check_range("--top-k", args.top_k, 1, MAX_TOP_K)
     key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
     key = key or None
     cores = max(1, (os.cpu_count() or 1) // args.workers)  # each worker process gets its share
     settings = dict(max_upload_mb=args.max_upload_mb, max_batch=args.max_batch,
                     batch_wait_ms=args.batch_wait_ms, top_k=args.top_k, provider=args.provider,
                     threads=args.threads, cores=cores, max_pending=args.max_pending,
-                    body_timeout_s=args.body_timeout_s)
+                    body_timeout_s=args.body_timeout_s, max_request_pixels=args.max_request_pixels,
+                    max_inflight_pixels=args.max_inflight_pixels)
     # Load the model here even with several workers: a bad RUN is one error line, not N tracebacks.
     app = create_app(args.run, api_key=key, **settings)
     _check_port(args.host, args.port)
