@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retrain.errors import ConfigError, ModelError
+from retrain.errors import ConfigError, ModelError, RetrainError
 
 # ------------------------------------------------------------------------------ counting
 
@@ -203,9 +203,10 @@ def sample_images(model_path: Path, clf, n: int) -> tuple[np.ndarray, str]:
     where they are, else deterministic random pixels (timing does not depend on content)."""
     run = model_path.parent
     try:
-        report = json.loads((run / "report.json").read_text())
-        split = json.loads((run / "split.json").read_text())
-        root = Path(report["image_dir"])
+        from retrain.run import Run
+
+        split = Run(run).split()
+        root = Run(run).image_root()
         rel = (split["files"].get("validation") or []) + (split["files"].get("test") or [])
         imgs = []
         for r in rel:
@@ -219,8 +220,8 @@ def sample_images(model_path: Path, clf, n: int) -> tuple[np.ndarray, str]:
             while len(imgs) < n:
                 imgs += imgs[: n - len(imgs)]
             return np.stack(imgs[:n]), "photos"
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+    except (RetrainError, OSError, ValueError, KeyError, TypeError):
+        pass  # not a run folder with its photos: random pixels time the model as well
     rng = np.random.default_rng(0)
     return rng.integers(0, 256, (n, clf.height, clf.width, 3), dtype=np.uint8), "random pixels"
 

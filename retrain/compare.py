@@ -23,14 +23,16 @@ def find_runs(paths) -> list[Path]:
     """Run folders named directly, or found one level below a folder (a sweep)."""
     from retrain.errors import DataError
 
+    from retrain.run import REPORT, Run
+
     runs = []
     for p in map(Path, paths):
-        if (p / "report.json").is_file():
+        if Run(p).has_report():
             runs.append(p)
-        elif p.is_file() and p.name == "report.json":
+        elif p.is_file() and p.name == REPORT:
             runs.append(p.parent)
         elif p.is_dir():
-            inner = sorted(d for d in p.iterdir() if (d / "report.json").is_file())
+            inner = sorted(d for d in p.iterdir() if Run(d).has_report())
             if not inner:
                 raise DataError(f"{p} is not a run folder and holds none (no report.json); give folders "
                                 "written by retrain fit")

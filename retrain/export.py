@@ -30,7 +30,7 @@ import numpy as np
 from retrain import callable_module
 from retrain.errors import ConfigError, DataError, ImageError, ModelError, did_you_mean
 from retrain.files import sha256_file
-from retrain.run import RunWriter, check_destination
+from retrain.run import Run, RunWriter, check_destination
 
 FORMATS = {
     "onnx": "float32 ONNX (the run's model, verified)",
@@ -41,7 +41,6 @@ QUANT_FORMATS = ("qdq", "qoperator")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 MAX_CALIBRATION = 5000
 MAX_VERIFY = 20000
-EXPORTS_INDEX = "exports.json"  # in the source run: {format: {"path": DIR, ...}}, read by `bench`
 
 
 class ExportRejected(ModelError):
@@ -52,33 +51,18 @@ class ExportRejected(ModelError):
 
 def read_run(run, image_dir=None) -> tuple[Path, dict, dict, Path]:
     """(run folder, report, split, image root) of a run written by `retrain fit` (or an export)."""
-    from retrain.run import MODEL as MODEL_FILE
-
-    run = Path(run).expanduser()
-    if not run.is_dir():
-        raise ModelError(f"{run} is not a run folder (export needs the folder written by "
+    r = Run(Path(run).expanduser())
+    if not r.folder.is_dir():
+        raise ModelError(f"{r.folder} is not a run folder (export needs the folder written by "
                          "`retrain fit IMAGE_DIR --output RUN`: its model, split and report)")
-    if not (run / MODEL_FILE).is_file():
-        raise ModelError(f"{run} has no {MODEL_FILE}; give a run folder written by `retrain fit`")
-    docs = {}
-    for name in ("report.json", "split.json"):
-        p = run / name
+    if not r.model.is_file():
+        raise ModelError(f"{r.folder} has no {r.model.name}; give a run folder written by `retrain fit`")
+    for p in (r.report_path, r.split_path):
         if not p.is_file():
-            raise ModelError(f"{run} has no {name}, so its validation and test photos are unknown and the "
-                             "export cannot be verified; give a run folder written by `retrain fit`")
-        try:
-            docs[name] = json.loads(p.read_text())
-        except ValueError as e:
-            raise ModelError(f"{p} is not valid JSON ({e})") from None
-    report, split = docs["report.json"], docs["split.json"]
-    files = split.get("files")
-    if not isinstance(files, dict) or not all(isinstance(files.get(k, []), list) for k in ("train", "validation", "test")):
-        raise ModelError(f"{run / 'split.json'} has no 'files' lists for train/validation/test")
-    root = Path(image_dir or report.get("image_dir") or "").expanduser()
-    if not str(root) or not root.is_dir():
-        raise DataError(f"the run's photos are not at '{root}' (image_dir in {run / 'report.json'}); "
-                        "pass --image-dir DIR where the same class folders are")
-    return run, report, split, root
+            raise ModelError(f"{r.folder} has no {p.name}, so its validation and test photos are unknown and "
+                             "the export cannot be verified; give a run folder written by `retrain fit`")
+    report, split = r.report(), r.split()
+    return r.folder, report, split, r.image_root(image_dir)
 
 
 def _sample(items: list, n: int, seed: int) -> list:
@@ -275,7 +259,7 @@ def export(run, fmt: str = "onnx", output=None, *, tolerance: float = 1.0, max_p
         raise ConfigError("--tolerance and --max-prob-diff must be >= 0")
 
     run, report, split, root = read_run(run, image_dir)
-    src = run / "model.onnx"
+    src = Run(run).model
     out = Path(output).expanduser() if output else run.parent / f"{run.name}-{fmt}"
     if out.resolve() == run.resolve():
         raise ConfigError(f"--output {out} is the run itself; give another folder for the {fmt} form")
@@ -376,45 +360,27 @@ def export(run, fmt: str = "onnx", output=None, *, tolerance: float = 1.0, max_p
 
 def _write_run(out: Path, model: Path, run: Path, report: dict) -> None:
     """DIR as a run folder, swapped in whole: a crash never leaves half an export."""
+    src = Run(run)
     with RunWriter(out, kind="export") as tmp:
-        shutil.copyfile(model, tmp / "model.onnx")
-        if (run / "labels.txt").is_file():
-            shutil.copyfile(run / "labels.txt", tmp / "labels.txt")
-        shutil.copyfile(run / "split.json", tmp / "split.json")
-        (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+        dst = Run(tmp)
+        shutil.copyfile(model, dst.model)
+        if src.labels_path.is_file():
+            shutil.copyfile(src.labels_path, dst.labels_path)
+        shutil.copyfile(src.split_path, dst.split_path)
+        dst.write_report(report)
 
 
 def _index_export(run: Path, fmt: str, out: Path, when: str, log) -> None:
     """Note the export in RUN/exports.json so `retrain bench RUN` finds every form (best effort)."""
-    p = run / EXPORTS_INDEX
     try:
-        idx = json.loads(p.read_text()) if p.is_file() else {}
-        if not isinstance(idx, dict):
-            idx = {}
-    except ValueError:
-        idx = {}
-    idx[fmt] = {"path": str(out.resolve()), "exported": when}
-    try:
-        tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(idx, indent=1) + "\n")
-        os.replace(tmp, p)
+        Run(run).note_export(fmt, out, when)
     except OSError as e:
-        log(f"could not note the export in {p} ({e}); `retrain bench` will not list it by itself")
+        log(f"could not note the export in {run} ({e}); `retrain bench` will not list it by itself")
 
 
 def read_exports(run) -> dict:
     """{format: folder} of the exports noted in RUN/exports.json that still exist."""
-    p = Path(run) / EXPORTS_INDEX
-    try:
-        idx = json.loads(p.read_text()) if p.is_file() else {}
-    except (OSError, ValueError):
-        return {}
-    out = {}
-    for fmt, rec in (idx.items() if isinstance(idx, dict) else []):
-        path = Path(rec.get("path", "")) if isinstance(rec, dict) else None
-        if path and (path / "model.onnx").is_file():
-            out[fmt] = path
-    return out
+    return Run(run).export_folders()
 
 
 # ------------------------------------------------------------------------------------ CLI

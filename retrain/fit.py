@@ -121,7 +121,7 @@ def load_data(plan: Plan, log) -> Data:
     s = scan(cfg.image_dir, quiet=cfg.quiet)
     timings["scan_s"] = round(time.perf_counter() - t0, 3)
     log(f"Found {len(s.items)} images in {len(s.classes)} classes in {s.root}"
-        + (f" ({len(s.skipped)} unreadable, {len(s.ignored)} non-image files ignored)" if s.skipped or s.ignored else ""))
+        + (f" ({len(s.skipped)} skipped, {len(s.ignored)} non-image files ignored)" if s.skipped or s.ignored else ""))
     check_class_sizes(s.items, s.classes)  # fail before computing any bottleneck
     warnings_ = quick_check(s)  # the cheap part of `retrain check`
     for w in warnings_:

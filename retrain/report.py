@@ -418,8 +418,10 @@ def load_report(run) -> dict:
     """report.json of a run folder, with one clear error when it is not one."""
     from retrain.errors import ModelError
 
+    from retrain.run import Run
+
     run = Path(run)
-    f = run / "report.json" if run.is_dir() else run
+    f = Run(run).report_path if run.is_dir() else run
     if not f.exists():
         raise ModelError(f"{run} is not a retrain run folder (no report.json); give the folder written by "
                          "retrain fit")

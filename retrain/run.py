@@ -79,6 +79,17 @@ class Run:
         return self.folder / LABELS
 
     @property
+    def report_path(self) -> Path:
+        return self.folder / REPORT
+
+    @property
+    def split_path(self) -> Path:
+        return self.folder / SPLIT
+
+    def has_report(self) -> bool:
+        return self.report_path.is_file()
+
+    @property
     def report_html(self) -> Path:
         return self.folder / REPORT_HTML
 
@@ -118,6 +129,31 @@ class Run:
 
     def write_exports(self, index: dict) -> None:
         write_json_atomic(self.folder / EXPORTS, index)
+
+    def note_export(self, fmt: str, out: Path, when: str) -> None:
+        """Record an export of this run (`retrain bench RUN` then finds every form)."""
+        index = self.exports()
+        index[fmt] = {"path": str(Path(out).resolve()), "exported": when}
+        self.write_exports(index)
+
+    def export_folders(self) -> dict[str, Path]:
+        """{format: folder} of the exports noted in exports.json that still exist."""
+        out = {}
+        for fmt, rec in self.exports().items():
+            path = Path(rec.get("path", "")) if isinstance(rec, dict) else None
+            if path and (path / MODEL).is_file():
+                out[fmt] = path
+        return out
+
+    def image_root(self, image_dir=None) -> Path:
+        """Where the run's photos are: `image_dir`, else the report's image_dir (DataError if gone)."""
+        from retrain.errors import DataError
+
+        root = Path(image_dir or self.report().get("image_dir") or "").expanduser()
+        if not str(root) or not root.is_dir():
+            raise DataError(f"the run's photos are not at '{root}' (image_dir in {self.report_path}); "
+                            "pass --image-dir DIR where the same class folders are")
+        return root
 
 
 # ------------------------------------------------------------------------- what may be replaced
