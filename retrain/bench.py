@@ -183,12 +183,12 @@ def count_graph(path) -> dict:
 
 def find_forms(run, extra=(), *, exports: bool = True) -> list[Path]:
     """The model files to bench: RUN's, each export noted in RUN/exports.json, then `extra`."""
-    from retrain.export import read_exports
     from retrain.model import resolve_model_path
+    from retrain.run import Run
 
     paths = [resolve_model_path(run)]
     if exports and Path(run).is_dir():
-        paths += [resolve_model_path(d) for d in read_exports(run).values()]
+        paths += [resolve_model_path(d) for d in Run(run).export_folders().values()]
     paths += [resolve_model_path(x) for x in extra]
     out, seen = [], set()
     for p in paths:

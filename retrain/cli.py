@@ -38,55 +38,6 @@ class Parser(argparse.ArgumentParser):
         raise ConfigError(f"{self.prog}: {message}")
 
 
-def add_config_arguments(p, cls, raw_lists=()) -> None:
-    """Flags for every field of a config dataclass: --name-with-dashes, --name_with_underscores,
-    plus the aliases in its metadata. Defaults stay in the dataclass (argparse.SUPPRESS here)."""
-    from retrain.config import config_fields, type_of
-
-    for name, default, type_str, meta in config_fields(cls):
-        flags = [f"--{name.replace('_', '-')}"]
-        for a in (f"--{name}", *meta.get("aliases", ())):
-            if a not in flags:
-                flags.append(a)
-        t = str if name in raw_lists else type_of(type_str)  # sweep lists are parsed later
-        help_ = f"{meta.get('help', '')} (default: {default})".replace("%", "%%")
-        if t is bool:
-            p.add_argument(*flags, dest=name, action="store_true", default=argparse.SUPPRESS, help=help_)
-        else:
-            p.add_argument(*flags, dest=name, type=_checked(t, flags[0]), default=argparse.SUPPRESS,
-                           metavar=meta.get("metavar") or t.__name__.upper(), help=help_)
-
-
-def _checked(t, flag):
-    def convert(v):
-        try:
-            return t(v)
-        except ValueError:
-            raise ConfigError(f"{flag} expects a{'n' if t is int else ''} {t.__name__}, got '{v}'") from None
-    return convert
-
-
-def config_from_args(args, cls, raw_lists=()):
-    """A config dataclass from the flags that were given; checks `choices` with suggestions."""
-    from retrain.config import config_fields, type_of
-
-    given = {}
-    for name, _default, _t, meta in config_fields(cls):
-        if hasattr(args, name):
-            v = getattr(args, name)
-            choices = meta.get("choices")
-            if isinstance(v, str) and "," in v and name in raw_lists:
-                pass  # a sweep list: checked per value when expanded
-            elif name in raw_lists and isinstance(v, str):
-                t = type_of(_t)
-                v = _checked(t, f"--{name}")(v) if t is not str else v
-            if choices and not (isinstance(v, str) and "," in v) and v not in choices:
-                raise ConfigError(f"--{name} must be one of {', '.join(choices)}, got '{v}'."
-                                  f"{did_you_mean(v, choices)}")
-            given[name] = v
-    return cls(**given)
-
-
 def _usage() -> str:
     cmds = COMMANDS
     w = max(len(c) for c in cmds)

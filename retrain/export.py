@@ -378,11 +378,6 @@ def _index_export(run: Path, fmt: str, out: Path, when: str, log) -> None:
         log(f"could not note the export in {run} ({e}); `retrain bench` will not list it by itself")
 
 
-def read_exports(run) -> dict:
-    """{format: folder} of the exports noted in RUN/exports.json that still exist."""
-    return Run(run).export_folders()
-
-
 # ------------------------------------------------------------------------------------ CLI
 
 def format_record(rec: dict) -> str:

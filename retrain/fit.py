@@ -431,7 +431,7 @@ SWEEPABLE = ("learning_rate", "architecture", "how_many_training_steps", "train_
 
 
 def add_arguments(p) -> None:
-    from retrain.cli import add_config_arguments
+    from retrain.config import add_config_arguments
 
     p.add_argument("image_dir_pos", nargs="?", metavar="IMAGE_DIR",
                    help="folder with one subfolder of photos per class")
@@ -470,7 +470,7 @@ def expand_sweep(cfg: FitConfig) -> list[FitConfig]:
 
 
 def main(args) -> int:
-    from retrain.cli import config_from_args
+    from retrain.config import config_from_args
 
     cfg = config_from_args(args, FitConfig, raw_lists=SWEEPABLE)
     if args.image_dir_pos:

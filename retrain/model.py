@@ -229,12 +229,19 @@ def save_atomic(m, path: Path) -> None:
 
 
 def verify(model_path, x_uint8: np.ndarray, expected: np.ndarray, *, tol: float = 2e-3) -> float:
-    """Run the written model with a plain InferenceSession and compare with `expected` probs."""
-    from retrain.classifier import Classifier
+    """Run the written model as a user outside retrain would (a plain InferenceSession, the
+    preprocessing its metadata states) and compare with `expected` probabilities."""
+    from retrain.images import normalize
+    from retrain.runtime import make_session
 
-    clf = Classifier(model_path, provider="cpu")
-    got = clf.predict(x_uint8)
-    diff = float(np.abs(got - expected).max()) if len(expected) else 0.0
+    if not len(expected):
+        return 0.0
+    meta = read_metadata(model_path)
+    validate_metadata(meta, where=model_path)
+    sess = make_session(model_path, provider="cpu")
+    x = normalize(x_uint8, meta["mean"], meta["std"])
+    got = sess.run([meta["output_name"]], {meta["input_name"]: x})[0]
+    diff = float(np.abs(got - expected).max())
     if diff > tol:
         raise ModelError(f"exported model disagrees with the trained head (max prob diff {diff:.2e} > {tol})")
     return diff
