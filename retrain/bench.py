@@ -12,9 +12,7 @@ machine. Medians of repeats.
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -347,12 +345,13 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
+    from retrain.progress import print_json
+
     res = bench(args.run, args.models, provider=args.provider, batch=args.batch, threads=args.threads,
                 single_runs=args.runs, batch_runs=args.batch_runs, exports=not args.no_exports,
                 quiet=args.quiet or args.json)
     if args.json:
-        json.dump(res, sys.stdout, indent=1)
-        sys.stdout.write("\n")
+        print_json(res)
     else:
         print(format_table(res))
     return 0

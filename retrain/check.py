@@ -12,9 +12,7 @@ Two levels:
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -368,6 +366,8 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
+    from retrain.progress import print_json
+
     from retrain.errors import ConfigError
 
     if not 0 <= args.max_distance <= 64:
@@ -379,8 +379,7 @@ def main(args) -> int:
     f = check(args.image_dir, near=args.near, max_distance=args.max_distance, tiny_side=args.min_size,
               workers=args.workers, quiet=args.quiet or args.json)
     if args.json:
-        json.dump(f, sys.stdout, indent=1)
-        sys.stdout.write("\n")
+        print_json(f)
     else:
         print(format_check(f))
     return 1 if args.strict and problem_count(f) else 0

@@ -154,3 +154,15 @@ class Classifier:
                 "output_name": self.output_name, "input_size": [self.height, self.width],
                 "mean": self.mean, "std": self.std, "crop_fraction": self.crop_fraction,
                 **{k: self.meta[k] for k in keep if k in self.meta}}
+
+
+def add_inference_arguments(p) -> None:
+    """The flags of every command that runs a model on photos (label, evaluate)."""
+    from retrain.config import bounded
+
+    p.add_argument("--batch-size", type=bounded(int, 1, 1024, "--batch-size"), default=8,
+                   help="images per batch (default 8: fastest on a CPU)")
+    p.add_argument("--provider", default="auto", help="auto, cpu, cuda or tensorrt")
+    p.add_argument("--tta", action="store_true", default=None,
+                   help="test-time augmentation: average with the mirror image (default: as the model says)")
+    p.add_argument("--no-tta", dest="tta", action="store_false", help="no test-time augmentation")

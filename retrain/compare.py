@@ -9,7 +9,6 @@ one line per run; in the terminal as text, with --html FILE as a page with an SV
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -203,6 +202,8 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
+    from retrain.progress import print_json
+
     rows = compare(args.runs)
     if args.sort:
         rev = args.sort.endswith("accuracy")
@@ -214,8 +215,7 @@ def main(args) -> int:
         write_html(args.html, compare_html(rows))
         print(f"wrote {args.html}", file=sys.stderr)
     if args.json:
-        json.dump(rows, sys.stdout, indent=1)
-        sys.stdout.write("\n")
+        print_json(rows)
         return 0
     print(format_table(rows))
     if args.plot:

@@ -6,7 +6,6 @@ can never disagree on what "accuracy" means.
 
 from __future__ import annotations
 
-import json
 import sys
 
 import numpy as np
@@ -105,21 +104,19 @@ def evaluate(model, image_dir, *, provider: str = "auto", batch_size: int = 8, t
 
 
 def add_arguments(p) -> None:
-    from retrain.config import bounded
+    from retrain.classifier import add_inference_arguments
 
     p.add_argument("model", help="run folder (or model.onnx) written by retrain fit")
     p.add_argument("image_dir", help="folder with one subfolder of photos per class")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--batch-size", type=bounded(int, 1, 1024, "--batch-size"), default=8, help="images per batch (default 8: fastest on a CPU)")
-    p.add_argument("--provider", default="auto", help="auto, cpu, cuda or tensorrt")
-    p.add_argument("--tta", action="store_true", default=None,
-                   help="test-time augmentation: average with the mirror image (default: as the model says)")
-    p.add_argument("--no-tta", dest="tta", action="store_false", help="no test-time augmentation")
+    add_inference_arguments(p)
     p.add_argument("--html", metavar="FILE", help="also write an HTML report of the evaluation")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
 def main(args) -> int:
+    from retrain.progress import print_json
+
     from retrain.errors import ConfigError
     from retrain.progress import Log
 
@@ -134,8 +131,7 @@ def main(args) -> int:
         write_eval_html(m, args.html)
         log(f"wrote {args.html}")
     if args.json:
-        json.dump(m, sys.stdout, indent=1)
-        sys.stdout.write("\n")
+        print_json(m)
         return 0
     print(format_metrics(m, f"{m['model']} on {m['image_dir']}"))
     if m["misclassified"]:

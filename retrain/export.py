@@ -17,10 +17,8 @@ in the model's metadata ("agreement") and in DIR/report.json ("export").
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import shutil
-import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -424,6 +422,8 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
+    from retrain.progress import print_json
+
     from retrain.progress import Log
 
     log = Log(args.quiet or args.json)
@@ -433,8 +433,7 @@ def main(args) -> int:
                  provider=args.provider, image_dir=args.image_dir, max_verify_images=args.max_verify_images,
                  quiet=args.quiet or args.json, log=log)
     if args.json:
-        json.dump(rec, sys.stdout, indent=1)
-        sys.stdout.write("\n")
+        print_json(rec)
     else:
         print(format_record(rec))
     return 0

@@ -68,14 +68,22 @@ def fit(cfg: FitConfig, *, log=None) -> dict:
     plan = plan_fit(cfg)
     data = load_data(plan, log)
     check = in_background(export_check_inputs, plan, data, log)  # on the idle core, while the head trains
-    head, train_info, history = train_final_layer(plan, data, log)
+    regime = choose_regime(plan, data, log)
     ft = None
-    if cfg.fine_tune:
-        head, ft = fine_tune_backbone(plan, data, head, train_info, log)
-    from retrain.calibrate import calibrate_head
+    if regime["name"] == "cross-validation":
+        head, train_info, history, calibration, metrics = cross_validate_final_layer(plan, data, log)
+    else:
+        head, train_info, history = train_final_layer(plan, data, log)
+        if cfg.fine_tune:
+            head, ft = fine_tune_backbone(plan, data, head, train_info, log)
+        from retrain.calibrate import calibrate_head
 
-    calibration = calibrate_head(head, data.X, data.y, *data.split, cfg, log=log)
-    metrics = score(head, data, calibration["temperature"])
+        calibration = calibrate_head(head, data.X, data.y, *data.split, cfg, log=log)
+        selection = head
+        if not ft and train_info["optimizer"] == "lbfgs":
+            head = refit_final_layer(plan, data, train_info, log)
+        metrics = score(head, data, calibration["temperature"], selection=selection)
+    train_info["regime"] = regime
     report = write_run(plan, data, head, ft, train_info=train_info, history=history, calibration=calibration,
                        metrics=metrics, check=check, t_start=t_start, log=log)
     copy_codelab_outputs(plan)
@@ -188,12 +196,13 @@ def train_final_layer(plan: Plan, data: Data, log) -> tuple[Head, dict, list]:
     return head, info, history
 
 
-def distorted_views(plan: Plan, data: Data, log) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Bottlenecks of cached distorted views of the training photos (never validation or test).
+def distorted_views(plan: Plan, data: Data, log, idx=None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Bottlenecks of cached distorted views of the training photos (never validation or test
+    while they choose; `idx`: the photos the final layer is refitted on).
     Returns (features (m, C), labels (m,), info for the report)."""
     from retrain.bottlenecks import extract_views
 
-    cfg, tr = plan.cfg, data.parts["train"]
+    cfg, tr = plan.cfg, (data.parts["train"] if idx is None else idx)
     t0 = time.perf_counter()
     log(f"Distortions: {plan.views} cached views per training image ({plan.distortions.tag()})")
     V, timing = extract_views([data.items[i] for i in tr], plan.views, plan.distortions, plan.backbone,
@@ -228,17 +237,141 @@ def fine_tune_backbone(plan: Plan, data: Data, head: Head, train_info: dict, log
     return Head(ft.W.astype(np.float64), ft.b.astype(np.float64), np.zeros(C), np.ones(C)), ft
 
 
-def score(head: Head, data: Data, temperature: float) -> dict:
-    """Metrics of every split, with the calibrated probabilities (the test split only measured)."""
+def score(head: Head, data: Data, temperature: float, selection: Head | None = None) -> dict:
+    """Metrics of every split, with the calibrated probabilities (the test split only measured).
+
+    `selection`: the head the choices were made with (trained on the training split only);
+    it scores the validation split, which the final `head` (refitted on train + validation)
+    has learnt from. The test split is scored by the final head, once."""
     from retrain.evaluate import compute_metrics
 
     paths = [it.path for it in data.items]
     metrics = {}
     for name, idx in data.parts.items():
-        m = compute_metrics(data.y[idx], head.probs(data.X[idx], temperature), data.labels, [paths[i] for i in idx])
+        h = selection if (selection is not None and name == "validation") else head
+        m = compute_metrics(data.y[idx], h.probs(data.X[idx], temperature), data.labels, [paths[i] for i in idx])
         m["per_class_recall"] = {c: v["recall"] for c, v in m["per_class"].items()}
+        if selection is not None and selection is not head:
+            m["scored_by"] = ("the selection head (trained on the training split only)" if name == "validation"
+                              else "the final head (trained on train + validation)")
         metrics[name] = m
     return metrics
+
+
+def choose_regime(plan: Plan, data: Data, log) -> dict:
+    """"fixed split" (choose on validation, refit on train + validation, score the test split
+    once) or, below --cross-validate-below photos in the smallest class, "cross-validation"
+    (choose by k-fold cross-validation, train on every photo, report the cross-validated
+    accuracy): a fixed split of a few photos per class wastes most of them."""
+    cfg = plan.cfg
+    smallest = int(np.bincount(data.y, minlength=len(data.labels)).min()) if len(data.y) else 0
+    small = smallest < cfg.cross_validate_below
+    if small and cfg.fine_tune:
+        why = f"smallest class {smallest} photos, but --fine-tune chooses its epoch on the validation split"
+    elif small and plan.optimizer != "lbfgs":
+        why = f"smallest class {smallest} photos, but the codelab's sgd keeps its validation split"
+    elif small:
+        r = {"name": "cross-validation", "why": f"smallest class {smallest} photos < {cfg.cross_validate_below}",
+             "folds": cfg.cv_folds, "smallest_class": smallest}
+        log(f"Small data ({r['why']}): L2 chosen by {cfg.cv_folds}-fold cross-validation, "
+            "the final layer trained on every photo")
+        return r
+    else:
+        why = f"smallest class {smallest} photos >= {cfg.cross_validate_below}"
+    return {"name": "fixed split", "why": why, "smallest_class": smallest}
+
+
+def refit_final_layer(plan: Plan, data: Data, train_info: dict, log) -> Head:
+    """The final L-BFGS head refitted on train + validation (and their cached views) with the
+    L2 strength chosen on validation: the model learns from every photo it may use."""
+    cfg = plan.cfg
+    tr, va, _ = data.split
+    if not len(va):
+        return train_lbfgs(data.X[tr], data.y[tr], data.X[va], data.y[va], len(data.labels), l2=train_info["l2"],
+                           weights=cfg.class_weights if cfg.class_weights != "none" else None)[0]
+    t0 = time.perf_counter()
+    idx = np.concatenate([tr, va])
+    X, y = data.X[idx], data.y[idx]
+    if plan.views:
+        Xv, yv, _ = distorted_views(plan, data, log, idx)
+        X, y = np.concatenate([X, Xv]), np.concatenate([y, yv])
+    weights = cfg.class_weights if cfg.class_weights != "none" else None
+    head = train_lbfgs(X, y, X[:0], y[:0], len(data.labels), l2=train_info["l2"],
+                       max_iter=cfg.how_many_training_steps or LBFGS_MAX_ITER, weights=weights)[0]
+    train_info["refit"] = {"on": "train + validation", "n": int(len(idx)), "l2": train_info["l2"],
+                           "seconds": round(time.perf_counter() - t0, 3)}
+    log(f"Final layer refitted on train + validation ({len(idx)} photos, L2 {train_info['l2']:g})")
+    data.timings["train_s"] = round(data.timings.get("train_s", 0) + time.perf_counter() - t0, 3)
+    return head
+
+
+def cross_validate_final_layer(plan: Plan, data: Data, log):
+    """Small data: L2 by stratified k-fold cross-validation over every photo (cached bottlenecks,
+    seconds), the final head on every photo, temperature and threshold from the out-of-fold
+    predictions. Returns (head, train info, history, calibration, metrics); metrics hold the
+    out-of-fold predictions: "cross_validation" over every photo, and "validation" / "test" over
+    those splits' photos (each predicted by a head that did not see it); "train" is the final head
+    on the training split."""
+    from retrain.calibrate import calibrate_out_of_fold
+    from retrain.evaluate import compute_metrics
+    from retrain.head import cross_validate, wilson_interval
+
+    cfg = plan.cfg
+    t0 = time.perf_counter()
+    k, X, y = len(data.labels), data.X, data.y
+    weights = cfg.class_weights if cfg.class_weights != "none" else None
+    folds = max(2, min(cfg.cv_folds, len(y)))
+    log(f"Training the final layer (L-BFGS, L2 {'chosen by cross-validation' if cfg.l2 is None else cfg.l2})")
+    cv = cross_validate(X, y, k, folds=folds, l2=cfg.l2, weights=weights, seed=cfg.seed,
+                        max_iter=cfg.how_many_training_steps or LBFGS_MAX_ITER, log=log)
+    Xall, yall = X, y
+    views_info = None
+    if plan.views:
+        every = np.arange(len(y))
+        Xv, yv, views_info = distorted_views(plan, data, log, every)
+        Xall, yall = np.concatenate([X, Xv]), np.concatenate([y, yv])
+    head, l2, history, _grid = train_lbfgs(Xall, yall, X[:0], y[:0], k, l2=cv["l2"],
+                                           max_iter=cfg.how_many_training_steps or LBFGS_MAX_ITER,
+                                           eval_every=cfg.eval_step_interval, weights=weights)
+    data.timings["train_s"] = round(time.perf_counter() - t0, 3)
+    calibration = calibrate_out_of_fold(cv["logits"], y, data.parts, cfg, log=log)
+    T = calibration["temperature"]
+    paths = [it.path for it in data.items]
+    P_oof = softmax_rows(cv["logits"] / T)
+
+    def metrics_of(idx, P, how):
+        m = compute_metrics(y[idx], P, data.labels, [paths[i] for i in idx])
+        m["per_class_recall"] = {c: v["recall"] for c, v in m["per_class"].items()}
+        m["scored_by"] = how
+        return m
+
+    oof = f"out-of-fold predictions ({folds}-fold cross-validation)"
+    tr = data.parts["train"]
+    metrics = {"train": metrics_of(tr, head.probs(X[tr], T), "the final head (trained on every photo)")}
+    for name in ("validation", "test"):
+        metrics[name] = metrics_of(data.parts[name], P_oof[data.parts[name]], oof)
+    cvm = metrics_of(np.arange(len(y)), P_oof, oof)
+    correct = int(round(cvm["accuracy"] * cvm["n"]))
+    lo, hi = wilson_interval(correct, cvm["n"])
+    cvm |= {"folds": folds, "interval_95": [lo, hi], "interval_method": "Wilson score, 95%"}
+    metrics["cross_validation"] = cvm
+    info = {"optimizer": "lbfgs", "l2": l2, "grid": [{"l2": g["l2"], "validation_accuracy": g["accuracy"],
+                                                     "validation_cross_entropy": g["cross_entropy"],
+                                                     "cross_validated": True} for g in cv["grid"]],
+            "steps": history[-1]["step"], "class_weights": cfg.class_weights,
+            "cross_validation": {"folds": folds, "seed": cfg.seed, "grid": cv["grid"], "chosen_l2": cv["l2"]},
+            "refit": {"on": "every photo", "n": int(len(y)), "l2": l2}}
+    if views_info:
+        info["views"] = views_info
+    log(f"  {folds}-fold cross-validated accuracy {cvm['accuracy']:.1%} (95% interval {lo:.1%}-{hi:.1%}, "
+        f"n={cvm['n']}) at L2 {l2:g}; final layer trained on all {len(y)} photos")
+    return head, info, history, calibration, metrics
+
+
+def softmax_rows(z: np.ndarray) -> np.ndarray:
+    from retrain.head import softmax
+
+    return softmax(np.asarray(z, np.float64))
 
 
 def write_run(plan: Plan, data: Data, head: Head, ft, *, train_info, history, calibration, metrics, check,
@@ -287,13 +420,15 @@ def write_run(plan: Plan, data: Data, head: Head, ft, *, train_info, history, ca
 
 def copy_codelab_outputs(plan: Plan) -> None:
     """--output_graph / --output_labels: copies of the run's model and labels, as retrain.py made."""
-    from retrain.run import LABELS, MODEL, copy_out, is_labels_file, is_retrain_model
+    from retrain.run import LABELS, MODEL, is_labels_file, is_retrain_model, write_user_file
 
     cfg = plan.cfg
     if cfg.output_graph:
-        copy_out(plan.out / MODEL, cfg.output_graph, flag="--output_graph", looks_ours=is_retrain_model)
+        write_user_file(cfg.output_graph, (plan.out / MODEL).read_bytes(), flag="--output_graph",
+                        looks_ours=is_retrain_model)
     if cfg.output_labels:
-        copy_out(plan.out / LABELS, cfg.output_labels, flag="--output_labels", looks_ours=is_labels_file)
+        write_user_file(cfg.output_labels, (plan.out / LABELS).read_bytes(), flag="--output_labels",
+                        looks_ours=is_labels_file)
 
 
 # ------------------------------------------------------------------------------ helpers of the stages
@@ -512,11 +647,27 @@ def _main_one(cfg: FitConfig, log) -> int:
             print(f"{r['path']:>70}  {r['true']} -> {r['predicted']} ({r['confidence']:.3f})")
     for sk in report["skipped"]:
         log(f"skipped {sk['path']}: {sk['reason']}")
-    n = sum(report["class_counts"].values())
-    print(f"retrain fit: {n} images, {len(report['labels'])} classes, {len(report['skipped'])} skipped, "
-          f"test accuracy {te['accuracy'] * 100:.1f}% (n={te['n']}), "
-          f"{report['timings']['total_s']:.1f} s -> {report['output']}", file=sys.stdout)
+    print(summary_line(report), file=sys.stdout)
     return 0
+
+
+def summary_line(report: dict) -> str:
+    """fit's one line on stdout: the figure that says how good the model is, and which regime
+    made it (a fixed split's test accuracy, or the cross-validated accuracy of small data)."""
+    n = sum(report["class_counts"].values())
+    te, va = report["metrics"]["test"], report["metrics"]["validation"]
+    regime = report["train"].get("regime") or {"name": "fixed split", "why": ""}
+    head = f"retrain fit: {n} images, {len(report['labels'])} classes, {len(report['skipped'])} skipped, "
+    tail = f", {report['timings']['total_s']:.1f} s -> {report['output']}"
+    cv = report["metrics"].get("cross_validation")
+    if regime["name"] == "cross-validation" and cv:
+        lo, hi = cv["interval_95"]
+        return (head + f"cross-validated accuracy {cv['accuracy'] * 100:.1f}% (95% interval {lo * 100:.1f}%-"
+                f"{hi * 100:.1f}%; {cv['folds']}-fold, n={cv['n']}), small data ({regime['why']}): trained on "
+                f"every photo" + tail)
+    refit = " and refitted on train + validation" if report["train"].get("refit") else ""
+    return (head + f"test accuracy {te['accuracy'] * 100:.1f}% (n={te['n']}), fixed split ({regime['why']}): "
+            f"chosen on validation ({va['accuracy'] * 100:.1f}%){refit}" + tail)
 
 
 callable_module(__name__, fit)  # retrain.fit(...) is fit(...)

@@ -5,7 +5,6 @@ Imports onnxruntime, numpy and Pillow only: starts in well under a second.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -50,17 +49,14 @@ def label(model, inputs: list[str], *, top_k: int = 5, batch_size: int = 8, prov
 
 
 def add_arguments(p) -> None:
+    from retrain.classifier import add_inference_arguments
     from retrain.config import bounded
 
     p.add_argument("model", nargs="?", help="run folder or model.onnx written by retrain fit")
     p.add_argument("inputs", nargs="*", metavar="IMAGE|DIR", help="images or folders of images")
     p.add_argument("--top-k", "--top_k", type=bounded(int, 1, 1000, "--top-k"), default=5, help="how many labels per image (default 5)")
     p.add_argument("--json", action="store_true", help="print JSON on stdout")
-    p.add_argument("--batch-size", type=bounded(int, 1, 1024, "--batch-size"), default=8, help="images per batch (default 8: fastest on a CPU)")
-    p.add_argument("--provider", default="auto", help="auto, cpu, cuda or tensorrt")
-    p.add_argument("--tta", action="store_true", default=None,
-                   help="test-time augmentation: average with the mirror image (default: as the model says)")
-    p.add_argument("--no-tta", dest="tta", action="store_false", help="no test-time augmentation")
+    add_inference_arguments(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g = p.add_argument_group("label_image.py compatibility")
     g.add_argument("--graph", help="model file (same as MODEL)")
@@ -75,6 +71,8 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
+    from retrain.progress import print_json
+
     model = args.graph or args.model
     inputs = list(args.inputs) + list(args.image)
     if args.graph and args.model:
@@ -101,8 +99,7 @@ def main(args) -> int:
     if len(results) == 1 and failed:
         raise ImageError(f"{failed[0]['path']}: {failed[0]['error']}")
     if args.json:
-        json.dump(results, sys.stdout, indent=1)
-        sys.stdout.write("\n")
+        print_json(results)
     else:
         many = len(results) > 1
         for r in results:

@@ -48,3 +48,11 @@ def in_background(fn, *args, **kwargs):
         return pool.submit(fn, *args, **kwargs)
     finally:
         pool.shutdown(wait=False)
+
+
+def print_json(obj) -> None:
+    """A command's result as JSON on stdout (what --json prints; messages stay on stderr)."""
+    import json
+
+    json.dump(obj, sys.stdout, indent=1, default=str)
+    sys.stdout.write("\n")

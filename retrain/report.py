@@ -395,9 +395,9 @@ def is_retrain_page(path) -> bool:
 
 def write_html(path, text: str, *, flag: str = "--html") -> Path:
     """Write a page atomically; an existing file is replaced only if it is a retrain page."""
-    from retrain.run import copy_out_text
+    from retrain.run import write_user_file
 
-    return copy_out_text(text, path, flag=flag, looks_ours=is_retrain_page)
+    return write_user_file(path, text, flag=flag, looks_ours=is_retrain_page)
 
 
 def write_run_html(run_folder, report: dict, path=None) -> Path:

@@ -68,30 +68,12 @@ class Run:
     """
 
     def __init__(self, folder):
-        self.folder = Path(folder)
-
-    @property
-    def model(self) -> Path:
-        return self.folder / MODEL
-
-    @property
-    def labels_path(self) -> Path:
-        return self.folder / LABELS
-
-    @property
-    def report_path(self) -> Path:
-        return self.folder / REPORT
-
-    @property
-    def split_path(self) -> Path:
-        return self.folder / SPLIT
+        self.folder = f = Path(folder)
+        self.model, self.labels_path, self.report_path, self.split_path = f / MODEL, f / LABELS, f / REPORT, f / SPLIT
+        self.report_html = f / REPORT_HTML
 
     def has_report(self) -> bool:
         return self.report_path.is_file()
-
-    @property
-    def report_html(self) -> Path:
-        return self.folder / REPORT_HTML
 
     def write_labels(self, labels: list[str]) -> None:
         write_text_atomic(self.labels_path, "".join(f"{c}\n" for c in labels))
@@ -336,9 +318,9 @@ class RunWriter:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def copy_out(src: Path, dest, *, flag: str, looks_ours) -> None:
-    """Copy a run file to a user-named path (--output_graph, --output_labels): an existing file is
-    replaced only when `looks_ours(path)` says retrain wrote it."""
+def write_user_file(dest, data: bytes | str, *, flag: str, looks_ours) -> Path:
+    """Write `data` to a path the user named (--output_graph, --output_labels, --html, ...): an
+    existing file is replaced, atomically, only when `looks_ours(path)` says retrain wrote it."""
     dest = Path(dest).expanduser()
     if dest.is_dir():
         raise ConfigError(f"{flag} {dest} is a folder; give a file name")
@@ -346,19 +328,9 @@ def copy_out(src: Path, dest, *, flag: str, looks_ours) -> None:
         raise ConfigError(f"{flag} {dest} exists and was not written by retrain; give a new file name "
                           "(retrain never overwrites a file it did not write)")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(dest, Path(src).read_bytes())
-
-
-def copy_out_text(text: str, dest, *, flag: str, looks_ours) -> Path:
-    """Write `text` to a user-named file, replacing an existing one only when retrain wrote it."""
-    dest = Path(dest).expanduser()
-    if dest.is_dir():
-        raise ConfigError(f"{flag} {dest} is a folder; give a file name")
-    if dest.exists() and not looks_ours(dest):
-        raise ConfigError(f"{flag} {dest} exists and was not written by retrain; give a new file name "
-                          "(retrain never overwrites a file it did not write)")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    return write_text_atomic(dest, text)
+    if isinstance(data, str):
+        return write_text_atomic(dest, data)
+    return write_bytes_atomic(dest, data)
 
 
 def is_retrain_model(path) -> bool:
