@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,8 @@ import numpy as np
 from retrain import callable_module
 from retrain.errors import ConfigError, DataError, ImageError, ModelError, did_you_mean
 from retrain.files import sha256_file
+from retrain.progress import Log
+from retrain.quantize import convert_fp16, quantize_model_int8
 from retrain.run import Run, RunWriter, check_destination
 
 FORMATS = {
@@ -128,91 +131,6 @@ def agreement(P_ref: np.ndarray, P: np.ndarray, y: np.ndarray) -> dict:
             "max_prob_diff": float(f"{d.max():.6g}"), "mean_prob_diff": float(f"{d.mean():.6g}")}
 
 
-# ----------------------------------------------------------------------------- converters
-
-def optimize_for_quantization(src: Path, dst: Path, log=None) -> Path:
-    """ONNX Runtime's quantization pre-processing: shape inference + graph optimisation (folds the
-    backbone's computed 'same' padding into the convolutions). Falls back to the source graph."""
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    try:
-        # skip_symbolic_shape: ONNX inference gives the same graph here, and the symbolic pass
-        # saves a temp model into the current folder when it cannot finish
-        quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
-        return dst
-    except Exception as e:  # an unusual graph: quantize it as it is
-        if log:
-            log(f"quantization pre-processing skipped ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})")
-        return src
-
-
-def quantize_model_int8(src: Path, dst: Path, calibration: np.ndarray, *, mean, std, quant_format: str = "qdq",
-                  per_channel: bool = True, method: str = "minmax", quiet: bool = True, log=None) -> dict:
-    """Static int8 quantization of `src` calibrated on uint8 images (n, H, W, 3). Returns its settings.
-
-    Activations uint8, weights int8 (the U8S8 pair the x86 VNNI/AMX kernels run fastest). The
-    classifier head (Gemm/MatMul, Softmax) stays float: it is a tiny share of the work and keeps
-    the probabilities smooth.
-    """
-    from onnxruntime import quantization as Q
-
-    from retrain import images
-    from retrain.progress import bar
-
-    batch = 16
-    pbar = bar(total=len(calibration), desc="Calibrating", unit="img", quiet=quiet)
-
-    class Reader(Q.CalibrationDataReader):
-        def __init__(self):
-            self.i = 0
-
-        def get_next(self):
-            if self.i >= len(calibration):
-                return None
-            x = calibration[self.i:self.i + batch]
-            self.i += len(x)
-            pbar.update(len(x))
-            return {"input": images.normalize(x, mean, std)}
-
-        def rewind(self):
-            self.i = 0
-
-    with tempfile.TemporaryDirectory(prefix="retrain-quant-") as tmp:
-        pre = optimize_for_quantization(src, Path(tmp) / "pre.onnx", log=log)
-        fmt = Q.QuantFormat.QDQ if quant_format == "qdq" else Q.QuantFormat.QOperator
-        cm = {"minmax": Q.CalibrationMethod.MinMax, "percentile": Q.CalibrationMethod.Percentile,
-              "entropy": Q.CalibrationMethod.Entropy}[method]
-        import onnx
-
-        # The head stays float; every other quantizable op (Conv, Clip, Add, ...) is quantized:
-        # leaving Clip (ReLU6) out makes its Conv's range the un-clipped one and costs ~2 points.
-        head = [n.name for n in onnx.load(str(pre), load_external_data=False).graph.node
-                if n.op_type in ("Gemm", "MatMul", "Softmax")]
-        try:
-            Q.quantize_static(str(pre), str(dst), Reader(), quant_format=fmt, per_channel=per_channel,
-                              activation_type=Q.QuantType.QUInt8, weight_type=Q.QuantType.QInt8,
-                              nodes_to_exclude=head, calibrate_method=cm, reduce_range=False,
-                              # MinMax: fold ranges every 4 batches, so memory stays flat in N
-                              extra_options={"CalibMaxIntermediateOutputs": 4})
-        except Exception as e:
-            raise ModelError(f"int8 quantization failed: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
-        finally:
-            pbar.close()
-    return {"quant_format": quant_format, "per_channel": per_channel, "calibration_method": method,
-            "calibration_images": int(len(calibration)), "activations": "uint8", "weights": "int8",
-            "float_ops_kept": ["classifier head (Gemm/MatMul)", "Softmax"]}
-
-
-def convert_fp16(src: Path, dst: Path) -> dict:
-    """float16 weights and activations; the model's input and output stay float32."""
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    m = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
-    onnx.save(m, str(dst))
-    return {"weights": "float16", "activations": "float16", "io": "float32"}
-
-
 def _set_meta(path: Path, meta: dict) -> None:
     import onnx
 
@@ -234,12 +152,46 @@ def export(run, fmt: str = "onnx", output=None, *, tolerance: float = 1.0, max_p
     Returns the export record (also in output/report.json["export"]). Raises ExportRejected when
     accuracy drops more than `tolerance` points (or a probability moves more than `max_prob_diff`)
     and `force` is off; nothing is written then.
-    """
-    from retrain.evaluate import compute_metrics
-    from retrain.classifier import Classifier
-    from retrain.model import read_metadata
 
-    log = log or (lambda m: None)
+        >>> retrain.export("runs/flowers", "onnx-int8", "runs/flowers-int8")["verified_on"]["all"]
+    """
+    from retrain.classifier import Classifier
+
+    log = log or Log.silent()
+    fmt = check_export_args(fmt, quant_format, calibration_method, calibration_images, max_verify_images,
+                            tolerance, max_prob_diff)
+    run, report, split, root = read_run(run, image_dir)
+    out, src_meta = check_export_target(run, root, fmt, output)
+    src = Run(run).model
+    ref = Classifier(src, provider=provider)
+    photos = verification_photos(ref, split["files"], root, max_verify_images, seed, quiet=quiet, log=log)
+    P_ref = predict_all(ref, photos.X, desc="Scoring fp32", quiet=quiet)
+    with tempfile.TemporaryDirectory(prefix="retrain-export-", dir=str(out.parent) if out.parent.is_dir() else None) as tmpd:
+        cand = Path(tmpd) / "model.onnx"
+        extra = convert(src, cand, fmt, ref, split["files"], root, calibration_images=calibration_images,
+                        quant_format=quant_format, per_channel=per_channel, calibration_method=calibration_method,
+                        seed=seed, quiet=quiet, log=log)
+        P = predict_all(Classifier(cand, provider=provider), photos.X, desc=f"Scoring {fmt}", quiet=quiet)
+        agree = photos.agreement(P_ref, P)
+        problems = judge(agree["all"], fmt, tolerance=tolerance, max_prob_diff=max_prob_diff, force=force)
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        record = {"format": fmt, "description": FORMATS[fmt], "source_run": str(run.resolve()),
+                  "source_sha256": sha256_file(src), "provider": provider, "verified_on": agree,
+                  "tolerance_points": tolerance, "max_prob_diff_allowed": max_prob_diff,
+                  "within_tolerance": not problems, "forced": bool(problems and force),
+                  "photos_skipped": photos.skipped, "exported": now, **extra}
+        _set_meta(cand, exported_metadata(src_meta, fmt, agree, record, run, extra))
+        record["size_bytes"] = cand.stat().st_size
+        record["source_size_bytes"] = src.stat().st_size
+        _write_run(out, cand, run, exported_report(report, out, record, photos, P, ref.labels))
+    _index_export(run, fmt, out, now, log)
+    record["output"] = str(out)
+    return record
+
+
+def check_export_args(fmt, quant_format, calibration_method, calibration_images, max_verify_images,
+                      tolerance, max_prob_diff) -> str:
+    """The format, lower case, after every setting is checked (ConfigError otherwise)."""
     fmt = (fmt or "onnx").lower()
     if fmt not in FORMATS:
         raise ConfigError(f"unknown format '{fmt}'; choose one of {', '.join(FORMATS)}.{did_you_mean(fmt, FORMATS)}")
@@ -255,14 +207,18 @@ def export(run, fmt: str = "onnx", output=None, *, tolerance: float = 1.0, max_p
         raise ConfigError(f"--max-verify-images must be between 1 and {MAX_VERIFY}, got {max_verify_images}")
     if tolerance < 0 or (max_prob_diff is not None and max_prob_diff < 0):
         raise ConfigError("--tolerance and --max-prob-diff must be >= 0")
+    return fmt
 
-    run, report, split, root = read_run(run, image_dir)
-    src = Run(run).model
+
+def check_export_target(run: Path, root: Path, fmt: str, output) -> tuple[Path, dict]:
+    """(the folder to write, the source model's metadata), or a ConfigError saying why not."""
+    from retrain.model import read_metadata
+
     out = Path(output).expanduser() if output else run.parent / f"{run.name}-{fmt}"
     if out.resolve() == run.resolve():
         raise ConfigError(f"--output {out} is the run itself; give another folder for the {fmt} form")
     out = check_destination(out, image_dir=root)  # an earlier export there is replaced; nothing else
-    src_meta = read_metadata(src)
+    src_meta = read_metadata(Run(run).model)
     if src_meta.get("format", "onnx") != "onnx":
         raise ConfigError(f"{run} holds an {src_meta['format']} model; export from the float32 run it came from "
                           f"({src_meta.get('exported_from', {}).get('run', 'its source run')})")
@@ -270,90 +226,99 @@ def export(run, fmt: str = "onnx", output=None, *, tolerance: float = 1.0, max_p
         raise ConfigError(f"{run} was trained on {src_meta['backbone_precision']} bottlenecks: its model is "
                           f"already quantized; for {fmt}, train with --bottleneck-precision fp32 "
                           "(or export it as onnx)")
+    return out, src_meta
 
-    ref = Classifier(src, provider=provider)
-    files = split["files"]
-    half = max_verify_images // 2
-    parts = {}
-    for part, n in (("validation", half), ("test", max_verify_images - half)):
-        rel = _sample(list(files.get(part, [])), n, seed)
-        parts[part] = load_photos(ref, root, rel, desc=f"Reading {part} photos", quiet=quiet)
+
+@dataclass
+class Photos:
+    """The run's validation and test photos the export is verified on."""
+
+    X: np.ndarray  # uint8 (n, H, W, 3)
+    y: np.ndarray  # (n,)
+    is_val: np.ndarray  # (n,) bool: validation (else test)
+    skipped: int
+
+    def agreement(self, P_ref, P) -> dict:
+        v = self.is_val
+        return {"validation": agreement(P_ref[v], P[v], self.y[v]), "test": agreement(P_ref[~v], P[~v], self.y[~v]),
+                "all": agreement(P_ref, P, self.y)}
+
+
+def verification_photos(ref, files: dict, root: Path, max_images: int, seed: int, *, quiet, log) -> Photos:
+    half = max_images // 2
+    parts = {part: load_photos(ref, root, _sample(list(files.get(part, [])), n, seed),
+                               desc=f"Reading {part} photos", quiet=quiet)
+             for part, n in (("validation", half), ("test", max_images - half))}
     X = np.concatenate([parts["validation"][0], parts["test"][0]])
-    y = np.concatenate([parts["validation"][1], parts["test"][1]])
-    skipped = parts["validation"][2] + parts["test"][2]
-    is_val = np.arange(len(y)) < len(parts["validation"][1])
     if len(X) == 0:
         raise DataError(f"none of the run's validation/test photos could be read under {root}; "
                         "pass --image-dir DIR where the run's class folders are")
+    y = np.concatenate([parts["validation"][1], parts["test"][1]])
+    skipped = parts["validation"][2] + parts["test"][2]
+    is_val = np.arange(len(y)) < len(parts["validation"][1])
     log(f"Verifying on {int(is_val.sum())} validation + {int((~is_val).sum())} test photos"
         + (f" ({skipped} unreadable or of unknown classes, skipped)" if skipped else ""))
-    P_ref = predict_all(ref, X, desc="Scoring fp32", quiet=quiet)
+    return Photos(X, y, is_val, skipped)
 
-    extra = {}
-    with tempfile.TemporaryDirectory(prefix="retrain-export-", dir=str(out.parent) if out.parent.is_dir() else None) as tmpd:
-        cand = Path(tmpd) / "model.onnx"
-        if fmt == "onnx":
-            shutil.copyfile(src, cand)
-        elif fmt == "onnx-int8":
-            train_rel = _sample(list(files.get("train", [])), calibration_images, seed)
-            C, _, _ = load_photos(ref, root, train_rel, desc="Reading calibration photos", quiet=quiet)
-            if len(C) == 0:
-                raise DataError(f"no training photos could be read under {root} for int8 calibration")
-            log(f"Quantizing to int8 ({quant_format.upper()}, per-{'channel' if per_channel else 'tensor'}, "
-                f"{calibration_method} calibration on {len(C)} training photos)")
-            extra["quantization"] = quantize_model_int8(src, cand, C, mean=ref.mean, std=ref.std, quant_format=quant_format,
-                                                  per_channel=per_channel, method=calibration_method,
-                                                  quiet=quiet, log=log)
-        else:
-            extra["precision"] = convert_fp16(src, cand)
-        new = Classifier(cand, provider=provider)
-        P = predict_all(new, X, desc=f"Scoring {fmt}", quiet=quiet)
-        del new
-        agree = {"validation": agreement(P_ref[is_val], P[is_val], y[is_val]),
-                 "test": agreement(P_ref[~is_val], P[~is_val], y[~is_val]),
-                 "all": agreement(P_ref, P, y)}
-        a = agree["all"]
-        drop = -a["change_points"]
-        problems = []
-        if drop > tolerance:
-            problems.append(f"loses {drop:.2f} points of accuracy on the run's validation+test photos "
-                            f"({a['accuracy_fp32']:.2%} -> {a['accuracy']:.2%}, n={a['n']}), over the tolerance "
-                            f"of {tolerance:g}")
-        if max_prob_diff is not None and a["max_prob_diff"] > max_prob_diff:
-            problems.append(f"moves a probability by {a['max_prob_diff']:.4f}, over --max-prob-diff {max_prob_diff:g}")
-        if problems and not force:
-            raise ExportRejected(f"the {fmt} export {' and '.join(problems)}; nothing was written "
-                                 f"(largest probability difference {a['max_prob_diff']:.4f}, top-1 agreement "
-                                 f"{a['top1_agreement']:.1%}). Use --force to write it anyway"
-                                 + (", or more --calibration-images / --calibration-method percentile" if fmt == "onnx-int8" else ""))
-        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        record = {"format": fmt, "description": FORMATS[fmt], "source_run": str(run.resolve()),
-                  "source_sha256": sha256_file(src), "provider": provider, "verified_on": agree,
-                  "tolerance_points": tolerance, "max_prob_diff_allowed": max_prob_diff,
-                  "within_tolerance": not problems, "forced": bool(problems and force),
-                  "photos_skipped": skipped, "exported": now, **extra}
-        metrics = dict(src_meta.get("metrics") or {})
-        for part in ("validation", "test"):
-            if agree[part].get("n"):
-                metrics[part] = {**(metrics.get(part) or {}), "accuracy": agree[part]["accuracy"], "n": agree[part]["n"]}
-        meta = {**src_meta, "format": fmt, "metrics": metrics, "exported": now,
-                "exported_from": {"run": str(run.resolve()), "sha256": record["source_sha256"]},
-                "agreement": {k: {kk: v[kk] for kk in ("n", "accuracy_fp32", "accuracy", "change_points",
-                                                         "max_prob_diff") if kk in v} for k, v in agree.items()},
-                **extra}
-        _set_meta(cand, meta)
-        record["size_bytes"] = cand.stat().st_size
-        record["source_size_bytes"] = src.stat().st_size
 
-        new_report = {**report, "output": str(out), "export": record}
-        new_report["metrics"] = dict(report.get("metrics") or {})
-        for part, mask in (("validation", is_val), ("test", ~is_val)):
-            if mask.any():
-                new_report["metrics"][part] = compute_metrics(y[mask], P[mask], ref.labels)
-        _write_run(out, cand, run, new_report)
-    _index_export(run, fmt, out, now, log)
-    record["output"] = str(out)
-    return record
+def convert(src: Path, cand: Path, fmt: str, ref, files: dict, root: Path, *, calibration_images, quant_format,
+            per_channel, calibration_method, seed, quiet, log) -> dict:
+    """Write the `fmt` form of `src` to `cand`. Returns what to record about the conversion."""
+    if fmt == "onnx":
+        shutil.copyfile(src, cand)
+        return {}
+    if fmt == "onnx-fp16":
+        return {"precision": convert_fp16(src, cand)}
+    train_rel = _sample(list(files.get("train", [])), calibration_images, seed)
+    C, _, _ = load_photos(ref, root, train_rel, desc="Reading calibration photos", quiet=quiet)
+    if len(C) == 0:
+        raise DataError(f"no training photos could be read under {root} for int8 calibration")
+    log(f"Quantizing to int8 ({quant_format.upper()}, per-{'channel' if per_channel else 'tensor'}, "
+        f"{calibration_method} calibration on {len(C)} training photos)")
+    return {"quantization": quantize_model_int8(src, cand, C, mean=ref.mean, std=ref.std, quant_format=quant_format,
+                                                per_channel=per_channel, method=calibration_method,
+                                                quiet=quiet, log=log)}
+
+
+def judge(a: dict, fmt: str, *, tolerance: float, max_prob_diff, force: bool) -> list[str]:
+    """What is outside the tolerance; ExportRejected when anything is and `force` is off."""
+    problems = []
+    drop = -a["change_points"]
+    if drop > tolerance:
+        problems.append(f"loses {drop:.2f} points of accuracy on the run's validation+test photos "
+                        f"({a['accuracy_fp32']:.2%} -> {a['accuracy']:.2%}, n={a['n']}), over the tolerance "
+                        f"of {tolerance:g}")
+    if max_prob_diff is not None and a["max_prob_diff"] > max_prob_diff:
+        problems.append(f"moves a probability by {a['max_prob_diff']:.4f}, over --max-prob-diff {max_prob_diff:g}")
+    if problems and not force:
+        raise ExportRejected(f"the {fmt} export {' and '.join(problems)}; nothing was written "
+                             f"(largest probability difference {a['max_prob_diff']:.4f}, top-1 agreement "
+                             f"{a['top1_agreement']:.1%}). Use --force to write it anyway"
+                             + (", or more --calibration-images / --calibration-method percentile" if fmt == "onnx-int8" else ""))
+    return problems
+
+
+def exported_metadata(src_meta: dict, fmt: str, agree: dict, record: dict, run: Path, extra: dict) -> dict:
+    """The source model's metadata, marked with the format, the verified accuracies and the source."""
+    metrics = dict(src_meta.get("metrics") or {})
+    for part in ("validation", "test"):
+        if agree[part].get("n"):
+            metrics[part] = {**(metrics.get(part) or {}), "accuracy": agree[part]["accuracy"], "n": agree[part]["n"]}
+    return {**src_meta, "format": fmt, "metrics": metrics, "exported": record["exported"],
+            "exported_from": {"run": str(run.resolve()), "sha256": record["source_sha256"]},
+            "agreement": {k: {kk: v[kk] for kk in ("n", "accuracy_fp32", "accuracy", "change_points",
+                                                     "max_prob_diff") if kk in v} for k, v in agree.items()},
+            **extra}
+
+
+def exported_report(report: dict, out: Path, record: dict, photos: Photos, P, labels) -> dict:
+    from retrain.evaluate import compute_metrics
+
+    new = {**report, "output": str(out), "export": record, "metrics": dict(report.get("metrics") or {})}
+    for part, mask in (("validation", photos.is_val), ("test", ~photos.is_val)):
+        if mask.any():
+            new["metrics"][part] = compute_metrics(photos.y[mask], P[mask], labels)
+    return new
 
 
 def _write_run(out: Path, model: Path, run: Path, report: dict) -> None:

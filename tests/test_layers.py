@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "retrain"
 LAYERS = [
     {"retrain", "errors", "files", "progress", "interrupt"},
     {"config", "images", "runtime", "head", "split", "run"},
-    {"augment", "scan", "calibrate", "pipeline", "backbones", "summaries"},
+    {"augment", "scan", "calibrate", "pipeline", "backbones", "summaries", "quantize"},
     {"cache", "bottlenecks", "finetune", "model", "classifier"},
     {"check", "evaluate", "label", "report", "bench"},
     {"export", "compare", "fit", "serve"},
