@@ -135,27 +135,35 @@ def count_graph(path) -> dict:
         except Exception as e:
             raise ModelError(f"{path}: cannot work out its layer shapes to count MACs ({str(e)[:160]})") from None
     macs_by_op: dict[str, int] = {}
-    total = 0
     for n in nodes:
         xi, wi = mac_ops[n.op_type]
         out = shapes.get(n.output[0])
         w = weight_shape(n.input[wi]) if len(n.input) > wi else None
-        a = shapes.get(n.input[xi]) or weight_shape(n.input[xi])
-        if not out or not w:
-            continue
+        if out and w:
+            mac = _node_macs(n, out, w, shapes.get(n.input[xi]) or weight_shape(n.input[xi]))
+            macs_by_op[n.op_type] = macs_by_op.get(n.op_type, 0) + mac
+    return {"macs": int(sum(macs_by_op.values())), "params": _count_params(m, inits, init_types),
+            "macs_by_op": macs_by_op}
+
+
+def _node_macs(n, out, w, a) -> int:
+    """Multiply-accumulates of one Conv/MatMul/Gemm-like node: output, weight, input shapes."""
+    import onnx
+
+    if n.op_type in ("Conv", "ConvInteger", "QLinearConv"):
+        return int(np.prod(out)) * int(np.prod(w[1:]))
+    if n.op_type == "ConvTranspose":
+        return int(np.prod(a or [0])) * int(np.prod(w[1:]))
+    if n.op_type in ("Gemm", "QGemm"):
         attrs = {at.name: onnx.helper.get_attribute_value(at) for at in n.attribute}
-        if n.op_type in ("Conv", "ConvInteger", "QLinearConv"):
-            mac = int(np.prod(out)) * int(np.prod(w[1:]))
-        elif n.op_type == "ConvTranspose":
-            mac = int(np.prod(a or [0])) * int(np.prod(w[1:]))
-        elif n.op_type in ("Gemm", "QGemm"):
-            k = w[1] if attrs.get("transB", 0) else w[0]
-            mac = int(np.prod(out)) * int(k)
-        else:  # MatMul family: inner dimension is the second-last of B (or the only one)
-            k = w[-2] if len(w) >= 2 else w[0]
-            mac = int(np.prod(out)) * int(k)
-        macs_by_op[n.op_type] = macs_by_op.get(n.op_type, 0) + mac
-        total += mac
+        return int(np.prod(out)) * int(w[1] if attrs.get("transB", 0) else w[0])
+    # MatMul family: inner dimension is the second-last of B (or the only one)
+    return int(np.prod(out)) * int(w[-2] if len(w) >= 2 else w[0])
+
+
+def _count_params(m, inits: dict, init_types: dict) -> int:
+    """Elements of weight and bias tensors, not quantization scales, zero points or shapes."""
+    import onnx
 
     # params: tensors that are not scales/zero points (inputs >= 1 of Q/DQ, or the QLinear* ones)
     not_params = set()
@@ -171,10 +179,9 @@ def count_graph(path) -> dict:
                   onnx.TensorProto.UINT8, onnx.TensorProto.INT32, onnx.TensorProto.DOUBLE,
                   onnx.TensorProto.BFLOAT16}
     consumers = {x for n in m.graph.node for x in n.input}
-    params = sum(int(np.prod(d)) for name, d in inits.items()
-                 if name in consumers and name not in not_params and init_types.get(name) in float_like
-                 and int(np.prod(d)) > 1)
-    return {"macs": int(total), "params": int(params), "macs_by_op": macs_by_op}
+    return int(sum(int(np.prod(d)) for name, d in inits.items()
+                   if name in consumers and name not in not_params and init_types.get(name) in float_like
+                   and int(np.prod(d)) > 1))
 
 
 # ------------------------------------------------------------------------------ timing
