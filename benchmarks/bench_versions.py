@@ -1,0 +1,94 @@
+"""A commit against the working tree: the same `retrain fit` commands, interleaved, same machine.
+
+    python benchmarks/bench_versions.py --ref fe91f6e            # cold + warm fit of the flowers
+    python benchmarks/bench_versions.py --ref HEAD~3 --rounds 5 --no-append
+
+The old code is checked out into a temporary git worktree and run with PYTHONPATH pointing at
+it, in the same virtualenv; rounds alternate old/new so that machine load hits both alike.
+Cold: an empty bottleneck cache (and a shared, already-exported backbone graph, so both time
+the work, not the one-time ONNX export). Warm: the same command again on the filled cache.
+Prints medians, the ratio new/old and whether the test accuracies agree; appends to
+BENCHMARKS.md unless --no-append.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import FLOWERS, ROOT, append_markdown, machine  # noqa: E402
+
+
+def fit_once(code: Path, data: Path, out: Path, cache: Path, backbones: Path) -> tuple[float, float]:
+    """(wall seconds, test accuracy) of one `retrain fit` run with the code in `code`."""
+    env = dict(os.environ, PYTHONPATH=str(code), RETRAIN_CACHE=str(cache))
+    (cache / "backbones").parent.mkdir(parents=True, exist_ok=True)
+    if not (cache / "backbones").exists():
+        (cache / "backbones").symlink_to(backbones)
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "retrain", "fit", str(data), "-o", str(out), "-q",
+                        "--cache-dir", str(cache / "bottlenecks")], capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise SystemExit(f"retrain fit failed with {code}:\n{p.stderr[-2000:]}")
+    report = json.loads((out / "report.json").read_text())
+    return wall, report["metrics"]["test"]["accuracy"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ref", required=True, help="the commit to compare with (e.g. fe91f6e)")
+    ap.add_argument("--data", type=Path, default=FLOWERS)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--no-append", action="store_true")
+    args = ap.parse_args()
+    if not args.data.is_dir():
+        raise SystemExit(f"no photos at {args.data}")
+    with tempfile.TemporaryDirectory(prefix="retrain-versions-") as tmpd:
+        tmp = Path(tmpd)
+        old = tmp / "old"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old), args.ref],
+                       check=True, capture_output=True)
+        try:
+            backbones = tmp / "backbones"
+            backbones.mkdir()
+            # Export the backbone graph once, outside the timing (both versions share its file).
+            warmup = tmp / "warmup"
+            fit_once(ROOT, args.data, warmup / "run", warmup / "cache", backbones)
+            times = {"old": {"cold": [], "warm": []}, "new": {"cold": [], "warm": []}}
+            acc = {}
+            for r in range(args.rounds):
+                for name, code in (("old", old), ("new", ROOT)) if r % 2 == 0 else (("new", ROOT), ("old", old)):
+                    cache = tmp / f"{name}-{r}"
+                    for kind in ("cold", "warm"):
+                        wall, a = fit_once(code, args.data, cache / "run", cache, backbones)
+                        times[name][kind].append(wall)
+                        acc[name] = a
+                        print(f"round {r + 1}: {name} {kind} fit {wall:.2f} s (test accuracy {a:.2%})", flush=True)
+                    shutil.rmtree(cache, ignore_errors=True)
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], capture_output=True)
+    med = {n: {k: statistics.median(v) for k, v in d.items()} for n, d in times.items()}
+    lines = [f"`python benchmarks/bench_versions.py --ref {args.ref} --rounds {args.rounds}` on {machine()}, "
+             f"{args.data.name}:", "",
+             "| fit | " + args.ref + " (median) | this tree (median) | new / old |", "|---|---:|---:|---:|"]
+    for kind in ("cold", "warm"):
+        o, n = med["old"][kind], med["new"][kind]
+        lines.append(f"| {kind} | {o:.2f} s | {n:.2f} s | {n / o:.3f} |")
+    lines += ["", f"Test accuracy: {args.ref} {acc['old']:.2%}, this tree {acc['new']:.2%}."]
+    print("\n".join(lines))
+    if not args.no_append:
+        append_markdown(ROOT / "BENCHMARKS.md", "Before and after (bench_versions.py)", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
