@@ -34,12 +34,14 @@ class Classifier:
 
     def __init__(self, model, *, provider: str = "auto", threads: int | None = None, labels=None,
                  input_layer=None, output_layer=None, input_height=None, input_width=None,
-                 input_mean=None, input_std=None, workers: int | None = None):
+                 input_mean=None, input_std=None, workers: int | None = None, cpu_threads: int | None = None):
+        """cpu_threads: ONNX Runtime threads in place of `threads` where the model can only run
+        on the CPU (retrain serve: one thread per call, one call per core)."""
         from retrain.runtime import make_session
 
         self.path = resolve_model_path(model)
         self.meta = read_metadata(self.path)
-        self.session = make_session(self.path, provider=provider, threads=threads)
+        self.session = make_session(self.path, provider=provider, threads=threads, cpu_threads=cpu_threads)
         ins, outs = self.session.get_inputs(), self.session.get_outputs()
         overridden = {"labels": labels, "input_name": input_layer, "output_name": output_layer,
                       "mean": input_mean, "std": input_std,

@@ -120,10 +120,12 @@ def _model_format(path) -> str | None:
         return None
 
 
-def make_session(path, *, provider: str = "auto", threads: int | None = None, trt_fp16: bool | None = None):
+def make_session(path, *, provider: str = "auto", threads: int | None = None, trt_fp16: bool | None = None,
+                 cpu_threads: int | None = None):
     """An InferenceSession with full graph optimisation and `threads` intra-op threads.
 
     trt_fp16: let TensorRT use fp16 kernels; None = only for a model exported as onnx-fp16.
+    cpu_threads: intra-op threads in place of `threads` where only the CPU provider is available.
     After creation, checks that the provider asked for is the one actually running: ONNX
     Runtime silently drops a GPU provider whose libraries fail to load.
     """
@@ -143,6 +145,8 @@ def make_session(path, *, provider: str = "auto", threads: int | None = None, tr
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3
     providers = resolve_providers(provider, trt_fp16=trt_fp16)
+    if cpu_threads and provider_names(providers) == [PROVIDERS["cpu"]]:
+        so.intra_op_num_threads = cpu_threads
     try:
         sess = ort.InferenceSession(str(path), so, providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types

@@ -383,6 +383,27 @@ def test_several_workers(flowers_run):
     assert "Traceback" not in out, out
 
 
+def test_cpu_server_makes_one_single_threaded_session_per_model_slot(flowers_run, monkeypatch):
+    """On a CPU each model slot gets one ONNX Runtime session, built once with one thread (no
+    session is made with other settings and thrown away: that loaded the model a second time)."""
+    from retrain import runtime
+    from retrain.serve import ServeConfig, create_app
+
+    made = []
+
+    def recording_make_session(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    real = runtime.make_session
+    monkeypatch.setattr(runtime, "make_session", recording_make_session)
+    app = create_app(flowers_run, ServeConfig(provider="cpu", cores=3))
+    assert app.state.batcher.parallel == 3
+    assert len(made) == 3, "one session per slot, each made once"
+    assert [s.get_session_options().intra_op_num_threads for s in made] == [1, 1, 1]
+    assert all(s.get_providers() == ["CPUExecutionProvider"] for s in made)
+
+
 # ---------------------------------------------------------------------------------- schemathesis
 
 @pytest.mark.skipif(shutil.which("st") is None and not (Path(sys.executable).parent / "st").exists(),

@@ -209,7 +209,7 @@ def test_pixel_budget_serves_the_smallest_waiter_first():
     huge one, a waiter gives up after wait_s, and a cancelled waiter leaves nothing taken."""
     import asyncio
 
-    from retrain.serve import PixelBudget
+    from retrain.serve.limits import PixelBudget
 
     async def scenario():
         b = PixelBudget(10, wait_s=0.3)
