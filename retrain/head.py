@@ -224,3 +224,64 @@ def train_sgd(Xtr, ytr, Xva, yva, k, *, learning_rate=SGD_LEARNING_RATE, steps=S
                 log(f"Step {step}: Train accuracy = {tr_acc:.1%}, Cross entropy = {tr_ce:.4f}, "
                     f"Validation accuracy = {va_acc:.1%} (N={len(vidx)})")
     return Head(W, b, mu, sigma), hist
+
+
+# ------------------------------------------------------------------------------ small data: k-fold
+
+def stratified_folds(y: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
+    """Fold number (0..folds-1) of each sample: each class dealt round-robin over the folds in
+    a seeded random order, so every fold holds about the same share of every class."""
+    rng = np.random.default_rng(seed)
+    f = np.empty(len(y), np.int64)
+    start = 0
+    for c in np.unique(y):
+        idx = rng.permutation(np.nonzero(y == c)[0])
+        f[idx] = (start + np.arange(len(idx))) % folds  # classes start where the last one stopped
+        start = (start + len(idx)) % folds
+    return f
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% (z = 1.96) Wilson score interval of a proportion correct / n; (nan, nan) for n = 0.
+    Unlike p +- z*sqrt(p(1-p)/n) it stays inside 0..1 and is not zero wide at 100%."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    p = correct / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return float(max(0.0, c - h)), float(min(1.0, c + h))
+
+
+def cross_validate(X, y, k, *, folds=5, l2=None, weights=None, seed=0, max_iter=LBFGS_MAX_ITER, log=None) -> dict:
+    """Choose the L2 strength by stratified k-fold cross-validation on (X, y).
+
+    For each strength (strong -> weak, as train_lbfgs), a head is trained on k-1 folds and
+    predicts the fold left out; the strength with the lowest out-of-fold cross entropy (then
+    highest accuracy) wins, and the search stops where that cross entropy has risen twice.
+    Returns {"l2", "folds", "grid": [{l2, accuracy, cross_entropy}], "logits": out-of-fold logits
+    (n, k) of the chosen strength, "fold": fold of each sample}.
+    """
+    fold = stratified_folds(y, folds, seed)
+    grid = [l2] if l2 is not None else sorted(L2_GRID, reverse=True)
+    results, best = [], None
+    for lam in grid:
+        Z = np.zeros((len(y), k))
+        for j in range(folds):
+            a, b = fold != j, fold == j
+            if not b.any():
+                continue
+            h = train_lbfgs(X[a], y[a], X[b][:0], y[b][:0], k, l2=lam, max_iter=max_iter, weights=weights)[0]
+            Z[b] = h.logits(X[b])
+        acc, ce = accuracy_ce(softmax(Z), y)
+        r = {"l2": lam, "accuracy": acc, "cross_entropy": ce}
+        results.append(r)
+        if log:
+            log(f"  L2 {lam:g}: {folds}-fold cross-validated accuracy {acc:.1%} (cross entropy {ce:.4f})")
+        if best is None or (ce, -acc) < (best[0]["cross_entropy"], -best[0]["accuracy"]):
+            best = (r, Z)
+        elif len(results) >= 2 and results[-2]["cross_entropy"] > best[0]["cross_entropy"] \
+                and results[-2]["l2"] < best[0]["l2"]:
+            break
+    r, Z = best
+    return {"l2": r["l2"], "folds": folds, "grid": results, "logits": Z, "fold": fold}

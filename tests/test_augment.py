@@ -74,13 +74,15 @@ def test_fit_with_distortions_caches_views_of_training_images_only(tiny_dataset,
     cache = tmp_path / "cache"
     args = ("fit", tiny_dataset, "--cache-dir", cache, "--flip_left_right", "--random_crop", "10",
             "--random_brightness", "10", "--augment", "2", "--validation_percentage", "20",
-            "--testing_percentage", "20")
+            "--testing_percentage", "20", "--cross-validate-below", "0")  # the fixed split (issue 15)
     run_cli(*args, "-o", tmp_path / "r1")
     rep = json.loads((tmp_path / "r1" / "report.json").read_text())
     views = rep["train"]["views"]
     n_train = rep["split_counts"]["train"]
     assert views["views_per_image"] == 2
-    assert views["timing"]["computed"] == 2 * n_train  # train images only: no view of val/test
+    assert views["timing"]["computed"] == 2 * n_train  # train images only while choosing
+    # the final layer is refitted on train + validation: their views, never the test photos'
+    assert rep["train"]["refit"]["views"]["computed"] == 2 * rep["split_counts"]["validation"]
     assert rep["config"]["flip_left_right"] is True
     run_cli(*args, "-o", tmp_path / "r2")
     rep2 = json.loads((tmp_path / "r2" / "report.json").read_text())
