@@ -10,7 +10,7 @@ $(BIN)/retrain: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned: the CPU build; an unpinned torch would pull a multi-GB CUDA build
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[serve,test]"
+	$(BIN)/python -m pip install -q -e ".[serve,test,labels,ray]"
 	touch $(BIN)/retrain
 
 install: $(BIN)/retrain

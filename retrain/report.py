@@ -200,22 +200,60 @@ def thumbnail_uri(path: str, side: int = THUMB_SIDE) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _figure(path, root: str | None, css_class: str, caption: str) -> str:
+    """One thumbnail of a gallery with its path (relative to `root`) and a caption (HTML)."""
+    p = str(path)
+    name = os.path.relpath(p, root) if root and os.path.isabs(p) else p
+    uri = thumbnail_uri(p) if os.path.isabs(p) or os.path.exists(p) else None
+    img = (f'<img src="{uri}" alt="{esc(name)}">' if uri
+           else f'<div class="missing" title="{esc(p)}">image not found</div>')
+    return (f'<figure class="{css_class}">{img}<figcaption><span class="mono">{esc(name)}</span><br>'
+            f'{caption}</figcaption></figure>')
+
+
 def gallery_html(misclassified: list[dict], root: str | None = None, limit: int = GALLERY_MAX) -> str:
     if not misclassified:
         return '<p class="sub" id="gallery-empty">No misclassified images.</p>'
-    items = []
-    for r in misclassified[:limit]:
-        p = str(r["path"])
-        name = os.path.relpath(p, root) if root and os.path.isabs(p) else p
-        uri = thumbnail_uri(p) if os.path.isabs(p) or os.path.exists(p) else None
-        img = (f'<img src="{uri}" alt="{esc(name)}">' if uri
-               else f'<div class="missing" title="{esc(p)}">image not found</div>')
-        items.append(f'<figure class="mis">{img}<figcaption><span class="mono">{esc(name)}</span><br>'
-                     f'true <b class="ok">{esc(r["true"])}</b>, predicted <b class="bad">{esc(r["predicted"])}</b>'
-                     f' ({r["confidence"] * 100:.0f}%)</figcaption></figure>')
+    items = [_figure(r["path"], root, "mis", f'true <b class="ok">{esc(r["true"])}</b>, predicted <b class="bad">'
+                     f'{esc(r["predicted"])}</b> ({r["confidence"] * 100:.0f}%)') for r in misclassified[:limit]]
     more = (f'<p class="sub">{len(misclassified) - limit} more not shown (all are listed in report.json).</p>'
             if len(misclassified) > limit else "")
     return f'<div class="gallery" id="gallery">{"".join(items)}</div>{more}'
+
+
+def label_issues_html(li: dict | None, root: str | None = None, limit: int = GALLERY_MAX // 2) -> list[str]:
+    """The "possibly mislabelled photos" section (retrain.mislabels: confident learning on
+    out-of-fold predictions): the most confused class pairs and thumbnails of the suspects,
+    each with its folder, the class it looks like and its score. [] for a report without one."""
+    if not li:
+        return []
+    if li.get("skipped"):
+        return ['<h2 id="label-issues">Possibly mislabelled photos</h2>',
+                f'<p class="sub" id="label-issues-skipped">{esc(li["skipped"])}</p>']
+    sus = li.get("suspects") or []
+    body = [f'<h2 id="label-issues">Possibly mislabelled photos ({len(sus)})</h2>',
+            '<p class="sub" style="word-break:normal">Photos whose folder disagrees most with out-of-fold '
+            f'predictions ({li.get("folds")}-fold '
+            f'heads on the bottlenecks, L2 {esc(li.get("l2"))}: no photo is judged by a head that saw its label), '
+            f'flagged by confident learning, most suspect first (score 1: the head is sure the folder is wrong). '
+            '"Looks like" is the closest class; a photo of none of them belongs elsewhere. To move them into a '
+            f'review folder (and back): <span class="mono">retrain check {esc(root or "IMAGE_DIR")} --labels '
+            '--move-to REVIEW/</span></p>']
+    pairs = li.get("confused_pairs") or []
+    if pairs:
+        rows = "".join(f'<tr><td class="l">{esc(p["labelled"])}</td><td class="l">{esc(p["looks_like"])}</td>'
+                       f'<td>{p["count"]}</td></tr>' for p in pairs[:10])
+        body.append('<table id="confused-pairs"><tr><th class="l">in the folder of</th><th class="l">looks like</th>'
+                    f'<th>suspects</th></tr>{rows}</table>')
+    if not sus:
+        body.append('<p class="sub" id="label-gallery-empty">None found.</p>')
+        return body
+    items = [_figure(r["path"], root, "suspect", f'in <b class="bad">{esc(r["label"])}</b>, looks like <b class="ok">'
+                     f'{esc(r["suggested"])}</b> (score {r["score"]:.2f})') for r in sus[:limit]]
+    body.append(f'<div class="gallery" id="label-gallery">{"".join(items)}</div>')
+    if len(sus) > limit:
+        body.append(f'<p class="sub">{len(sus) - limit} more not shown (all are listed in report.json).</p>')
+    return body
 
 
 def _l2_grid_html(grid: list[dict], chosen) -> str:
@@ -328,6 +366,7 @@ def run_html(report: dict) -> str:
     shown, what = (te, "test") if te.get("n") else (va, "validation")
     if shown.get("n"):
         body += _results_sections(shown, root, what)
+    body += label_issues_html(report.get("label_issues"), root)
 
     body.append('<h2 id="classes">Images per class</h2>')
     body.append(svg_bar_chart(report.get("class_counts", {}), title="images per class", css_id="chart-classes"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
-from conftest import make_dataset, make_image, run_cli
+from conftest import make_dataset, make_image, one_error_line, run_cli
 
 
 def _distinct(root, classes=("a", "b"), per_class=20):
@@ -127,3 +127,82 @@ def test_fit_warns_and_stores_the_warnings(tmp_path):
     assert "warning: the same photo is in classes circle and squares" in p.stderr
     report = json.loads((out / "report.json").read_text())
     assert any("same photo is in classes circle and squares" in w for w in report["data_warnings"])
+
+
+# ------------------------------------------------------------------ --labels: mislabelled photos
+
+def _planted(tmp_path):
+    """A folder with two photos filed in the wrong class (tests/test_mislabels.py)."""
+    from test_mislabels import PLANTED, planted_folder  # skips where cleanlab is not installed
+
+    return planted_folder(tmp_path / "images"), set(PLANTED.values())
+
+
+def test_check_labels_json_lists_the_planted_errors_first(tmp_path):
+    root, planted = _planted(tmp_path)
+    f = json.loads(run_cli("check", root, "--labels", "--json", "--no-near").stdout)
+    li = f["label_issues"]
+    assert {s["path"] for s in li["suspects"][:2]} == {str(root / p) for p in planted}
+    assert set(li["suspects"][0]) == {"path", "label", "suggested", "score", "probs"}
+    assert set(li) >= {"suspects", "confused_pairs", "n", "folds", "l2", "method", "out_of_fold_accuracy"}
+    assert {(p["labelled"], p["looks_like"]) for p in li["confused_pairs"]} >= {("stripes", "circle"),
+                                                                                ("squares", "stripes")}
+    assert any("may be mislabelled" in w for w in f["warnings"])  # so --strict fails on them
+
+
+def test_check_labels_moves_the_suspects_for_review_and_undo_puts_them_back(tmp_path, capsys):
+    root, planted = _planted(tmp_path)
+    before = {p.relative_to(root): p.read_bytes() for p in root.rglob("*.jpg")}
+    review = tmp_path / "review"
+    p = run_cli("check", root, "--labels", "-q", "--no-near", "--move-to", review, "--max-moves", "2")
+    assert "label check: " in p.stdout and "stripes -> circle" in p.stdout
+    assert f"moved 2 photo(s) to {review}" in p.stdout
+    assert {str(x.relative_to(review)) for x in review.rglob("*.jpg")} == planted  # relative paths kept
+    assert not any((root / x).exists() for x in planted)
+    manifest = review / "manifest.json"
+    assert f"undo all: retrain check --undo {manifest}" in p.stdout
+    from retrain.cli import main  # the CLI in this process (saves a start-up a call)
+
+    # a second move into the same review folder is refused: the manifest would be lost
+    assert main(["check", str(root), "--labels", "-q", "--move-to", str(review)]) == 2
+    assert "manifest.json already exists" in one_error_line(capsys.readouterr().err)
+
+    p = run_cli("check", "--undo", manifest, "--json")
+    assert json.loads(p.stdout)["restored"] == 2
+    assert {x.relative_to(root): x.read_bytes() for x in root.rglob("*.jpg")} == before
+    assert main(["check", "--undo", str(manifest)]) == 2  # twice: nothing left to move back
+    assert "already undone" in one_error_line(capsys.readouterr().err)
+
+
+def test_check_labels_errors_are_one_line(tmp_path, capsys):
+    root = make_dataset(tmp_path / "images", per_class=4)
+    cases = [
+        (("check", root, "--move-to", tmp_path / "r"), "--move-to moves the photos that --labels finds"),
+        (("check", root, "--labels", "--move-to", root / "review"), "is inside the image folder"),
+        (("check", "--undo", tmp_path / "nope.json"), "not found: give the manifest.json"),
+        (("check", "--undo", root / "circle" / "circle_0.jpg"), "cannot read it as a retrain move manifest"),
+        (("check", root, "--undo", tmp_path / "m.json"), "--undo MANIFEST moves photos back and does nothing else"),
+        (("check", root, "--labels", "--max-moves", "0"), "--max-moves must be a number from 1"),
+        (("check",), "no image folder given"),
+    ]
+    cases.append((("check", "--undo", tmp_path / "m.json"), "not a manifest written by retrain check --move-to"))
+    (tmp_path / "m.json").write_text('{"kind": "something else"}')
+    from retrain.cli import main  # the CLI in this process: one start-up for all the cases
+
+    for args, expected in cases:
+        assert main([str(a) for a in args]) == 2, args
+        assert expected in one_error_line(capsys.readouterr().err), args
+
+
+def test_check_labels_small_classes_and_missing_cleanlab(tmp_path):
+    root = make_dataset(tmp_path / "images", per_class=3)
+    p = run_cli("check", root, "--labels", "-q", "--no-near", check=False)
+    if p.returncode == 0:  # cleanlab installed: the check says why it cannot fold 3 photos a class
+        assert "label check skipped: class 'circle' has 3 photos" in p.stdout
+    # Without cleanlab (a module of that name that fails to import stands in for its absence):
+    # one line saying what to install, before any bottleneck is computed.
+    fake = tmp_path / "no-cleanlab"
+    (fake / "cleanlab").mkdir(parents=True)
+    (fake / "cleanlab" / "__init__.py").write_text("raise ImportError('cleanlab is not installed')\n")
+    p = run_cli("check", root, "--labels", check=False, env={"PYTHONPATH": str(fake)})
+    assert p.returncode == 2 and "pip install 'retrain[labels]'" in one_error_line(p.stderr)
