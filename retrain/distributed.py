@@ -1,0 +1,330 @@
+"""Beyond one machine: `retrain embed DIR --out STORE --ray ADDRESS` on a Ray cluster (Ray Data).
+
+The driver (the machine that runs the command) lists the photos (scan's walk, without reading
+them), drops those whose path is already in the store, and hands Ray Data an explicit manifest
+of paths: read_binary_files -> map_batches into a pool of actors, each holding one feature
+session (OpenVINO bf16 or ONNX Runtime, threads = the actor's CPUs) that hashes, decodes and
+embeds its photos, with a per-row error for a photo that cannot be read -> write_parquet into
+the store's folder, files of at least --rows-per-file rows. A rerun after any crash (driver,
+worker, node) computes only the rows that are not in the store; a file cut short by a kill is
+found by its missing footer, deleted and its rows computed again.
+
+Ray's own checkpointing is not used (its filter actor takes a whole CPU and deadlocked a resume
+on 2 cores); read and write tasks take 0.25 CPU each and the actors leave CPUs free for them
+(a dataset whose actors hold every CPU hangs: ray-project/ray#44687).
+
+A Ray cluster has no authentication and its head listens on every interface: it belongs on a
+private network (README, "More than one machine").
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import time
+
+import numpy as np
+
+from retrain.errors import ConfigError, MissingDependency
+
+RAY_VERSION = "2.60"  # retrain[ray] pins this minor release: Ray Data's API moves between releases
+IO_CPUS = 0.25  # CPUs of each read and write task
+ROWS_PER_FILE = 16_384
+
+
+def need_ray():
+    """`ray` (with ray.data), or one line saying what to install."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise MissingDependency(f"--ray needs Ray {RAY_VERSION}: pip install 'retrain[ray]' (or pip install "
+                                f"'ray[data]=={RAY_VERSION}.*'), then start a cluster (ray start --head)") from None
+    return ray
+
+
+def connect(address: str, *, log=None):
+    """ray.init on an existing cluster. A loopback address (tests: 127.0.0.2) makes the driver use
+    that address as its own too, so every byte stays on loopback."""
+    ray = need_ray()
+    if ray.is_initialized():
+        return ray
+    host = address.rsplit(":", 1)[0] if ":" in address else address
+    kw = {}
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            kw["_node_ip_address"] = host
+    except ValueError:
+        pass
+    try:
+        ray.init(address=address, log_to_driver=False, logging_level="ERROR", configure_logging=True, **kw)
+    except ConnectionError as e:
+        raise ConfigError(f"no Ray cluster at {address} ({str(e).splitlines()[0][:160]}): start one with "
+                          f"ray start --head, or give its head's address") from None
+    return ray
+
+
+def list_photos(image_dir) -> tuple[str, list[tuple[str, str]], list[dict]]:
+    """(root, [(path, label)], skipped) of every photo under DIR's class folders, without reading
+    them: scan's walk (symlink loops, special files and the rest left out with their reason), but
+    no hashing: that is the workers' job in a distributed run."""
+    from retrain import scan as scan_mod
+
+    root = scan_mod._check_root(image_dir)
+    walk = scan_mod._Walk()
+    per_class = scan_mod._images_by_class(root, walk)
+    scan_mod._check_shape(root, per_class, None)
+    rows = [(p, c) for c in sorted(per_class) for p in per_class[c]]
+    return str(root), rows, walk.skipped
+
+
+class Embedder:
+    """A Ray Data actor: one feature session, called on batches of {bytes, path} rows; returns the
+    store's rows (pyarrow), with an error instead of features for a photo that cannot be read."""
+
+    def __init__(self, architecture: str, precision: str, dtype: str, root: str, batch: int, cpus: float):
+        from retrain.backbones import features_onnx, get_backbone
+        from retrain.runtime import OnnxEngine, make_session, openvino_session
+
+        self.bb = get_backbone(architecture)
+        self.dtype, self.root, self.batch = dtype, root, batch
+        self.threads = max(1, int(cpus))
+        path = features_onnx(self.bb, precision=precision)
+        if precision == "bf16":
+            self.engine = openvino_session(path, precision="bf16", size=self.bb.image_size, mean=self.bb.mean,
+                                           std=self.bb.std, batch=batch, threads=self.threads)
+        else:
+            self.engine = OnnxEngine(make_session(path, provider="cpu", threads=self.threads))
+
+    def label_of(self, path: str) -> str:
+        rel = os.path.relpath(path, self.root)
+        return rel.split(os.sep, 1)[0]
+
+    def __call__(self, batch):
+        from retrain import images
+        from retrain.pipeline import run_pipeline
+        from retrain.store import digest_bytes, rows_table
+
+        data, paths = list(batch["bytes"]), [str(p) for p in batch["path"]]
+        paths = [p if p.startswith("/") or "://" in p else "/" + p for p in paths]
+        keys = [digest_bytes(bytes(d)) for d in data]
+        feats = np.full((len(data), self.bb.feature_dim), np.nan, np.float32)
+
+        def on_batch(idx, out):
+            feats[idx] = out.reshape(len(idx), self.bb.feature_dim)
+
+        size, crop = self.bb.image_size, self.bb.crop_fraction
+        fails, _ = run_pipeline(list(range(len(data))), lambda i: images.load(bytes(data[i]), size, crop), self.engine,
+                                batch_size=self.batch, workers=self.threads, mean=self.bb.mean, std=self.bb.std,
+                                on_batch=on_batch, quiet=True)
+        errors = [fails.get(i) for i in range(len(data))]
+        return rows_table(self.bb.feature_dim, self.dtype, keys, paths, [self.label_of(p) for p in paths], feats,
+                          errors)
+
+
+def embed_ray(image_dir, out, *, address: str, architecture: str = "efficientnet_lite0", precision: str = "auto",
+              dtype: str = "float16", batch_size: int = 8, actors: int | None = None, actor_cpus: float = 1.0,
+              rows_per_file: int = ROWS_PER_FILE, quiet: bool = True, log=None) -> dict:
+    """`retrain embed --ray`: the rows missing from the store computed on the cluster at `address`.
+    Returns the same dict as retrain.embed.embed."""
+    from retrain.backbones import get_backbone
+    from retrain.bottlenecks import choose_precision
+    from retrain.progress import Log
+    from retrain.store import WRITE_OPTIONS, FeatureStore
+
+    log = log or Log.silent()
+    t_start = time.perf_counter()
+    ray = need_ray()  # before any work: one line if it is missing
+    bb = get_backbone(architecture)
+    precision = choose_precision(precision, provider="cpu")
+    store = FeatureStore.create(out, bb, precision=precision, dtype=dtype, log=log)
+    root, rows, skipped = list_photos(image_dir)
+    done = store.done_paths()
+    todo = [(p, c) for p, c in rows if p not in done]
+    log(f"Found {len(rows)} images in {len({c for _, c in rows})} classes in {root}: {len(rows) - len(todo)} already "
+        f"in the store, {len(todo)} to compute on the Ray cluster at {address}")
+    errors: dict = {}
+    seconds = 0.0
+    if todo:
+        connect(address, log=log)
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = not quiet
+        ctx.verbose_progress = False
+        cpus = ray.cluster_resources().get("CPU", 1)
+        nodes = max(1, sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU")))
+        # Leave at least IO_CPUS per node for reading and writing (ray-project/ray#44687).
+        fit = int((cpus - nodes * 2 * IO_CPUS) // actor_cpus)
+        n_actors = actors or max(1, fit)
+        per_block = max(8, min(256, len(todo) // max(1, 4 * n_actors)))
+        t0 = time.perf_counter()
+        ds = ray.data.read_binary_files([p for p, _ in todo], include_paths=True, num_cpus=IO_CPUS,
+                                        override_num_blocks=max(1, -(-len(todo) // per_block)))
+        ds = ds.map_batches(Embedder, batch_size=per_block, batch_format="numpy", num_cpus=actor_cpus,
+                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_actors),
+                            fn_constructor_kwargs={"architecture": bb.name, "precision": precision, "dtype": dtype,
+                                                   "root": root, "batch": batch_size, "cpus": actor_cpus})
+        log(f"Embedding {len(todo)} photos on {n_actors} actor{'s' if n_actors > 1 else ''} of {actor_cpus:g} CPU "
+            f"({cpus:g} CPUs on {nodes} node{'s' if nodes > 1 else ''})")
+        ds.write_parquet(store.path, filesystem=store.fs, min_rows_per_file=rows_per_file,
+                         ray_remote_args={"num_cpus": IO_CPUS}, **WRITE_OPTIONS)
+        seconds = time.perf_counter() - t0
+        store.refresh()
+        wanted = {p for p, _ in todo}
+        for t in store.iter_tables(["path", "error"], with_errors=True):
+            for p, e in zip(t.column("path").to_pylist(), t.column("error").to_pylist()):
+                if e is not None and p in wanted:
+                    errors[p] = e
+    return {"store": store.where(), "photos": len(rows), "computed": len(todo), "already": len(rows) - len(todo),
+            "errors": errors, "skipped": skipped, "seconds": round(seconds, 3),
+            "images_per_second": round(len(todo) / seconds, 1) if todo and seconds > 0 else None,
+            "precision": precision, "dtype": store.dtype, "rows": len(store), "ray": address,
+            "total_s": round(time.perf_counter() - t_start, 3)}
+
+
+# ------------------------------------------------------------------------------ label --out / --ray
+
+def preds_schema():
+    import pyarrow as pa
+
+    pred = pa.struct([("label", pa.string()), ("score", pa.float32())])
+    return pa.schema([("path", pa.string()), ("label", pa.string()), ("score", pa.float32()),
+                      ("unknown", pa.bool_()), ("top_k", pa.list_(pred)), ("error", pa.string())])
+
+
+def preds_table(paths, results):
+    """classify()'s results as rows: path, label, top score, unknown (under the model's threshold),
+    top-k, error (null where the photo was read)."""
+    import pyarrow as pa
+
+    rows = {"path": [], "label": [], "score": [], "unknown": [], "top_k": [], "error": []}
+    for p, r in zip(paths, results):
+        rows["path"].append(p)
+        if "error" in r:
+            for k, v in (("label", None), ("score", None), ("unknown", None), ("top_k", None), ("error", r["error"])):
+                rows[k].append(v)
+            continue
+        rows["label"].append(r["label"])
+        rows["score"].append(r["predictions"][0]["score"])
+        rows["unknown"].append(r["label"] == "unknown")
+        rows["top_k"].append(r["predictions"])
+        rows["error"].append(None)
+    return pa.Table.from_pydict(rows, schema=preds_schema())
+
+
+class Labeller:
+    """A Ray Data actor: the whole model.onnx (sent with the actor, so no node needs the run
+    folder), called on batches of {bytes, path}."""
+
+    def __init__(self, model_bytes: bytes, top_k: int, batch: int, cpus: float, tta):
+        import tempfile
+
+        from retrain.classifier import Classifier
+
+        self.tmp = tempfile.TemporaryDirectory(prefix="retrain-label-")
+        path = os.path.join(self.tmp.name, "model.onnx")
+        with open(path, "wb") as f:
+            f.write(model_bytes)
+        threads = max(1, int(cpus))
+        self.clf = Classifier(path, provider="cpu", threads=threads, workers=threads)
+        self.top_k, self.batch, self.tta = top_k, batch, tta
+
+    def __call__(self, batch):
+        paths = [str(p) for p in batch["path"]]
+        paths = [p if p.startswith("/") or "://" in p else "/" + p for p in paths]
+        results = self.clf.classify([bytes(b) for b in batch["bytes"]], top_k=self.top_k, batch_size=self.batch,
+                                    tta=self.tta, quiet=True)
+        return preds_table(paths, results)
+
+
+def _preds_folder(out, model_path, top_k):
+    """The predictions folder (made if missing) and the paths already in it. It belongs to one
+    model: another model's folder is refused (give another --out)."""
+    import json
+
+    from retrain.files import sha256_file
+    from retrain.store import _read_json, _write_bytes, filesystem
+
+    fs, path = filesystem(out)
+    import pyarrow.fs as pafs
+
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        raise ConfigError(f"--out {out} is a file: give a folder for the predictions (Parquet)")
+    meta = {"model_sha256": sha256_file(model_path), "top_k": top_k, "format": "retrain-predictions"}
+    fs.create_dir(path, recursive=True)
+    old = _read_json(fs, f"{path}/_meta.json")
+    if old is None:
+        if info.type == pafs.FileType.Directory and fs.get_file_info(pafs.FileSelector(path)):
+            raise ConfigError(f"--out {out} is a folder retrain did not write: give a new or empty folder")
+        _write_bytes(fs, f"{path}/_meta.json", json.dumps(meta, indent=1).encode())
+    elif old != meta:
+        raise ConfigError(f"--out {out} holds predictions of another model or --top-k: give another --out")
+    done = set()
+    import pyarrow.parquet as pq
+
+    for f in fs.get_file_info(pafs.FileSelector(path)):
+        if f.base_name.endswith(".parquet") and not f.base_name.startswith("."):
+            try:
+                with fs.open_input_file(f.path) as fh:
+                    done.update(pq.read_table(fh, columns=["path"]).column("path").to_pylist())
+            except Exception:  # noqa: BLE001 - cut short by a kill: its rows are labelled again
+                fs.delete_file(f.path)
+    return fs, path, done
+
+
+def label_to_store(model, paths: list[str], out, *, address: str | None = None, top_k: int = 5, batch_size: int = 8,
+                   tta=None, actors: int | None = None, actor_cpus: float = 1.0, rows_per_file: int = 4096,
+                   quiet: bool = True, log=None) -> dict:
+    """`retrain label RUN DIR|MANIFEST --out PREDS [--ray ADDRESS]`: one row per photo in Parquet;
+    photos already in PREDS are skipped (a rerun after a crash labels only the rest)."""
+    from retrain.model import resolve_model_path
+    from retrain.progress import Log
+
+    log = log or Log.silent()
+    if address:
+        need_ray()
+    model_path = resolve_model_path(model)
+    fs, folder, done = _preds_folder(out, model_path, top_k)
+    todo = [p for p in paths if p not in done]
+    log(f"{len(paths)} photos: {len(paths) - len(todo)} already labelled in {out}, {len(todo)} to label"
+        + (f" on the Ray cluster at {address}" if address and todo else ""))
+    t0 = time.perf_counter()
+    if todo and address:
+        ray = connect(address, log=log)
+        ray.data.DataContext.get_current().enable_progress_bars = not quiet
+        cpus = ray.cluster_resources().get("CPU", 1)
+        nodes = max(1, sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU")))
+        n_actors = actors or max(1, int((cpus - nodes * 2 * IO_CPUS) // actor_cpus))
+        per_block = max(8, min(256, len(todo) // max(1, 4 * n_actors)))
+        ds = ray.data.read_binary_files(todo, include_paths=True, num_cpus=IO_CPUS,
+                                        override_num_blocks=max(1, -(-len(todo) // per_block)))
+        ds = ds.map_batches(Labeller, batch_size=per_block, batch_format="numpy", num_cpus=actor_cpus,
+                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_actors),
+                            fn_constructor_kwargs={"model_bytes": model_path.read_bytes(), "top_k": top_k,
+                                                   "batch": batch_size, "cpus": actor_cpus, "tta": tta})
+        ds.write_parquet(folder, filesystem=fs, min_rows_per_file=rows_per_file,
+                         ray_remote_args={"num_cpus": IO_CPUS}, write_page_checksum=True)
+    elif todo:
+        import uuid
+
+        import pyarrow.parquet as pq
+
+        from retrain.classifier import Classifier
+        from retrain.progress import bar
+
+        clf = Classifier(model_path, provider="auto")
+        with bar(total=len(todo), desc="Labelling", unit="img", quiet=quiet) as pbar:
+            for s in range(0, len(todo), rows_per_file):
+                chunk = todo[s:s + rows_per_file]
+                t = preds_table(chunk, clf.classify(chunk, top_k=top_k, batch_size=batch_size, tta=tta, quiet=True))
+                name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
+                tmp = f"{folder}/.tmp-{name}"
+                with fs.open_output_stream(tmp) as f:
+                    pq.write_table(t, f, write_page_checksum=True)
+                fs.move(tmp, f"{folder}/{name}")
+                pbar.update(len(chunk))
+    seconds = time.perf_counter() - t0
+    _, _, now = _preds_folder(out, model_path, top_k)
+    return {"out": str(out), "photos": len(paths), "labelled": len(todo), "already": len(paths) - len(todo),
+            "rows": len(now), "seconds": round(seconds, 3),
+            "images_per_second": round(len(todo) / seconds, 1) if todo and seconds > 0 else None}
