@@ -20,6 +20,7 @@ from retrain.interrupt import ctrl_c_outside_imports
 # name: (module, one-line description)
 COMMANDS = {
     "fit": ("retrain.fit", "train a classifier on a folder of photos (one subfolder per class)"),
+    "embed": ("retrain.embed", "bottlenecks of a folder of photos into a feature store (Parquet; --ray: on a cluster)"),
     "label": ("retrain.label", "top-k labels for images or folders of images"),
     "evaluate": ("retrain.evaluate", "accuracy, per-class precision/recall, confusion on labelled photos"),
     "check": ("retrain.check", "check an image folder before training: counts, corrupt files, duplicates"),
@@ -28,6 +29,7 @@ COMMANDS = {
     "serve": ("retrain.serve", "serve a model over HTTP with a web page"),
     "export": ("retrain.export", "export a run as onnx, onnx-int8 or onnx-fp16, verified"),
     "bench": ("retrain.bench", "latency, throughput and size of a model"),
+    "backbones": ("retrain.backbones", "the known backbones: size, input, accuracy, offline or not, speed here"),
 }
 
 

@@ -3,7 +3,8 @@
 A RUN is a run folder (it holds report.json) or a folder of run folders, such as the output
 of a sweep (`retrain fit --learning_rate 0.005,0.1,1.0 -o runs/lr` -> runs/lr/learning_rate=...).
 The table: test/validation accuracy, test cross entropy, steps, training and total time,
-architecture, optimizer, learning rate, device. The plot: validation accuracy against step,
+architecture (the backbone), bottlenecks computed per second, model size, optimizer, learning
+rate, device: runs of different backbones side by side. The plot: validation accuracy against step,
 one line per run; in the terminal as text, with --html FILE as a page with an SVG chart.
 """
 
@@ -77,6 +78,9 @@ def summarize(run: Path, name: str) -> dict:
         "train_s": t.get("train_s"),
         "total_s": t.get("total_s"),
         "architecture": r.get("architecture"),
+        "bottleneck_images_per_s": _bottleneck_speed(t),
+        "model_mb": _model_mb(run),
+        "feature_dim": (r.get("backbone") or {}).get("feature_dim"),
         "optimizer": train.get("optimizer", cfg.get("optimizer")),
         "learning_rate": train.get("learning_rate"),
         "l2": train.get("l2"),
@@ -84,6 +88,22 @@ def summarize(run: Path, name: str) -> dict:
         "device": r.get("device"),
         "curve": [(h["step"], h.get("validation_accuracy")) for h in hist],
     }
+
+
+def _bottleneck_speed(timings: dict):
+    """Bottlenecks computed per second in that run (None where every one came from the cache)."""
+    d = (timings or {}).get("bottleneck_detail") or {}
+    n, s = d.get("computed"), d.get("seconds")
+    return round(n / s, 1) if n and s else None
+
+
+def _model_mb(run: Path):
+    from retrain.run import MODEL
+
+    try:
+        return round((Path(run) / MODEL).stat().st_size / 1e6, 1)
+    except OSError:
+        return None
 
 
 def compare(paths) -> list[dict]:
@@ -94,10 +114,11 @@ def compare(paths) -> list[dict]:
 COLUMNS = [  # (key, header, format)
     ("name", "run", "{}"), ("test_accuracy", "test acc", "{:.1%}"), ("validation_accuracy", "val acc", "{:.1%}"),
     ("test_cross_entropy", "test CE", "{:.4f}"), ("steps", "steps", "{}"), ("train_s", "train s", "{:.2f}"),
-    ("total_s", "total s", "{:.1f}"), ("architecture", "architecture", "{}"), ("optimizer", "optimizer", "{}"),
+    ("total_s", "total s", "{:.1f}"), ("architecture", "architecture", "{}"),
+    ("bottleneck_images_per_s", "img/s", "{:.0f}"), ("model_mb", "MB", "{:.1f}"), ("optimizer", "optimizer", "{}"),
     ("learning_rate", "lr", "{:g}"), ("device", "device", "{}"),
 ]
-LEFT = {0, 7, 8, 10}  # text columns, left-aligned
+LEFT = {0, 7, 10, 12}  # text columns, left-aligned
 
 
 def _cell(row, key, fmt) -> str:

@@ -229,6 +229,8 @@ def fine_tune(cfg, bb, items, y, parts, *, W0, b0, views=0, distortions=None, ca
     from retrain.progress import Log
 
     log = log or Log.silent()
+    if not getattr(bb, "can_fine_tune", True):
+        raise bb.fine_tune_error()  # a foreign ONNX backbone: head-only
     torch = _torch()
     from retrain.backbones import build_torch
 

@@ -69,3 +69,39 @@ def test_download_from_a_file_url_mirror(tmp_path):
     src = weights_path(bb)
     got = download(Path(src).as_uri(), tmp_path / bb.weights_file, bb.sha256)
     assert got.stat().st_size == src.stat().st_size
+
+
+def test_backbones_command_lists_every_known_backbone_and_what_is_offline():
+    import json
+
+    from conftest import run_cli
+    from retrain import zoo
+
+    p = run_cli("backbones")
+    lines = p.stdout.splitlines()
+    assert lines[0].split()[:3] == ["name", "input", "size"]
+    for name in [*BACKBONES, *zoo.ZOO]:
+        assert any(line.startswith(name + " ") for line in lines), name
+    lite = next(line for line in lines if line.startswith("efficientnet_lite0 "))
+    assert " yes " in lite and "224 px" in lite and "75.1%" in lite
+    incep = next(line for line in lines if line.startswith("inception_v3 "))
+    assert "299 px" in incep and "download" in incep and "95.3 MB" in incep
+    assert "mobilenet_0.50_* -> mobilenetv2_050" in p.stdout
+    rows = {r["name"]: r for r in json.loads(run_cli("backbones", "--json").stdout)}
+    assert rows["efficientnet_lite1"]["offline"] is True and rows["resnet50"]["offline"] is False
+    assert rows["resnet50"]["sha256"] == zoo.ZOO["resnet50"].sha256 and rows["resnet50"]["where"].startswith("https://")
+
+
+@pytest.mark.slow
+def test_backbones_measure_records_the_speed_here():
+    import json
+
+    from conftest import run_cli
+
+    p = run_cli("backbones", "--measure", "efficientnet_lite0", "--json")
+    assert "efficientnet_lite0: " in p.stderr and "images/s" in p.stderr
+    row = next(r for r in json.loads(p.stdout) if r["name"] == "efficientnet_lite0")
+    assert row["speed"]["fp32"]["images_per_s"] > 0
+    table = run_cli("backbones").stdout
+    lite = next(line for line in table.splitlines() if line.startswith("efficientnet_lite0 "))
+    assert f"{row['speed']['fp32']['images_per_s']:.0f} fp32" in lite
