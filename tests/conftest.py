@@ -1,12 +1,18 @@
 """Shared fixtures: tiny real images made here, a trained run, and the shared flowers if present.
 
-The backbone's ONNX export and the bottleneck cache go to one temporary cache folder per test
-session (RETRAIN_CACHE), so tests never touch the user's cache and the export happens once.
+Each test session has a temporary cache folder of its own (RETRAIN_CACHE), so tests never touch
+the user's cache and every bottleneck is computed afresh in a session. The exported backbone
+graphs (RETRAIN_CACHE/backbones: minutes of torch export and int8 quantization) are kept between
+sessions in BACKBONE_STORE (.pytest_cache/retrain-backbones, removed by `make clean`): copied
+into the session's cache at its start, and what the session exported copied back at its end.
+A graph's file name carries its fingerprint (weights, export code, preprocessing), so a stale
+one is never used. RETRAIN_TEST_FRESH_BACKBONES=1 starts from an empty cache and keeps nothing.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,9 +26,57 @@ UNSEEN = ROOT / "examples" / "unseen"
 SHARED_FLOWERS = ROOT.parent / "shared" / "data" / "flower_photos"
 
 
+BACKBONE_STORE = ROOT / ".pytest_cache" / "retrain-backbones"
+
+
+def _reuse_backbones() -> bool:
+    return os.environ.get("RETRAIN_TEST_FRESH_BACKBONES", "") in ("", "0")
+
+
+def _graphs(folder: Path) -> list[Path]:
+    """The built-in backbones' finished graphs and their sidecars in a backbones folder:
+    NAME-FINGERPRINT.onnx/.json, NAME-FINGERPRINT-int8.*, NAME-FINGERPRINT-prefixN.onnx. Not a
+    .part- being written, not speed.json (measured speeds), not the graphs adapted from a test's
+    own ONNX files (those are the tests' business)."""
+    import re
+
+    from retrain.backbones import BACKBONES
+
+    names = "|".join(map(re.escape, BACKBONES))
+    pattern = re.compile(rf"({names})-[0-9a-f]{{16}}(-int8|-prefix\d+)?\.(onnx|json)")
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if pattern.fullmatch(p.name) and p.is_file())
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.part")
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)  # another session copying the same graph at once: either copy wins
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _sync_graphs(src: Path, dst: Path) -> None:
+    """Copy the graphs of `src` that `dst` lacks (sidecars first, so a graph is never without one)."""
+    new = [p for p in _graphs(src) if not (dst / p.name).is_file()]
+    if not new:
+        return
+    dst.mkdir(parents=True, exist_ok=True)
+    for p in sorted(new, key=lambda p: p.suffix != ".json"):
+        _copy_atomic(p, dst / p.name)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def retrain_cache(tmp_path_factory):
     cache = tmp_path_factory.mktemp("retrain-cache")
+    if _reuse_backbones():
+        try:
+            _sync_graphs(BACKBONE_STORE, cache / "backbones")
+        except OSError as e:  # an unreadable store: export afresh, as a fresh checkout does
+            print(f"conftest: not reusing {BACKBONE_STORE} ({e})", file=sys.stderr)
     old = os.environ.get("RETRAIN_CACHE")
     os.environ["RETRAIN_CACHE"] = str(cache)
     yield cache
@@ -30,6 +84,11 @@ def retrain_cache(tmp_path_factory):
         os.environ.pop("RETRAIN_CACHE", None)
     else:
         os.environ["RETRAIN_CACHE"] = old
+    if _reuse_backbones():
+        try:
+            _sync_graphs(cache / "backbones", BACKBONE_STORE)
+        except OSError as e:  # a read-only checkout: the next session exports again
+            print(f"conftest: could not keep the backbone graphs in {BACKBONE_STORE} ({e})", file=sys.stderr)
 
 
 def make_image(path: Path, kind: int, seed: int, size=(96, 80), fmt=None, mode="RGB") -> Path:
@@ -95,6 +154,13 @@ def flowers_run(tmp_path_factory) -> Path:
     return out
 
 
+def pytest_collection_modifyitems(items):
+    """A test that uses the shared flowers is marked `shared` (-m "not shared" leaves them out)."""
+    for item in items:
+        if "shared_flowers" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.shared)
+
+
 @pytest.fixture()
 def shared_flowers() -> Path:
     if not SHARED_FLOWERS.is_dir():
@@ -120,3 +186,25 @@ def one_error_line(stderr: str) -> str:
     assert len(errors) == 1, stderr
     assert "internal error" not in errors[0], stderr
     return errors[0]
+
+
+def with_metadata(src, dst, **values) -> Path:
+    """A copy of the model file `src` (a run folder or .onnx) at `dst` with metadata keys set
+    (JSON for non-strings, as retrain stores them; None removes the key)."""
+    import json
+
+    import onnx
+
+    src = Path(src)
+    m = onnx.load(str(src / "model.onnx" if src.is_dir() else src))
+    props = {p.key: p.value for p in m.metadata_props}
+    for k, v in values.items():
+        if v is None:
+            props.pop(k, None)
+        else:
+            props[k] = v if isinstance(v, str) else json.dumps(v)
+    del m.metadata_props[:]
+    for k, v in props.items():
+        m.metadata_props.add(key=k, value=v)
+    onnx.save(m, str(dst))
+    return Path(dst)

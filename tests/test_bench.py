@@ -76,6 +76,7 @@ def test_efficientnet_lite0_counts(tiny_run):
     assert 3.7e8 < c["macs"] < 4.1e8
 
 
+@pytest.mark.slow
 def test_bench_cli_times_every_form(tiny_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)

@@ -24,7 +24,8 @@ def test_fit_writes_a_complete_run_and_a_summary_line(e2e):
     root, data, held, run, r = e2e
     for f in ("model.onnx", "labels.txt", "report.json", "split.json"):
         assert (run / f).is_file(), f
-    assert "retrain fit: 18 images, 3 classes, 0 skipped, test accuracy" in r.stdout
+    # 6 photos per class: the small-data regime (k-fold cross-validation, issue 15)
+    assert "retrain fit: 18 images, 3 classes, 0 skipped, cross-validated accuracy" in r.stdout
     assert "Traceback" not in r.stderr
 
 
@@ -67,10 +68,16 @@ def test_codelab_flags(e2e, tmp_path):
     assert [h["step"] for h in rep["history"]][:3] == [5, 10, 15]
     # label_image.py's flags, with the renamed output.
     img = held / "stripes" / "stripes_1.jpg"
-    r = run_cli("label", "--graph", tmp_path / "g.onnx", "--labels", tmp_path / "l.txt", "--image", img,
-                "--output_layer", "probs", "--input_mean", "127", "--input_std", "128",
-                "--input_height", "224", "--input_width", "224")
-    assert r.stdout.splitlines()[0].split(" ")[0] in {"circle", "squares", "stripes"}
+    codelab = ("--graph", tmp_path / "g.onnx", "--labels", tmp_path / "l.txt", "--image", img,
+               "--output_layer", "probs", "--input_height", "224", "--input_width", "224")
+    r = run_cli("label", *codelab, "--input_mean", "127", "--input_std", "128")
+    # The same answer, to the printed digit, as the run folder's model with its own metadata
+    # (mean 127, std 128, 224 px): the flags reached the preprocessing ...
+    assert r.stdout == run_cli("label", tmp_path / "run", img).stdout
+    assert sorted(line.split(" (score=")[0] for line in r.stdout.splitlines()) == ["circle", "squares", "stripes"]
+    # ... and they are used: another mean and std give other scores.
+    other = run_cli("label", *codelab, "--input_mean", "0", "--input_std", "255").stdout
+    assert other != r.stdout and len(other.splitlines()) == 3
 
 
 def test_label_does_not_import_torch(e2e):
@@ -165,6 +172,7 @@ def _fit_with_precision(e2e, out, precision):
     return ort.InferenceSession(str(out / "model.onnx")).get_modelmeta().custom_metadata_map
 
 
+@pytest.mark.slow
 def test_int8_bottlenecks_from_the_cli(e2e, tmp_path):
     _, data, _, run, _ = e2e
     meta = _fit_with_precision(e2e, tmp_path / "r8", "int8")
@@ -184,6 +192,7 @@ def test_bf16_bottlenecks_from_the_cli_give_an_fp32_model(e2e, tmp_path):
     assert "bf16" in (tmp_path / "r16" / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_ctrl_c_at_any_moment_ends_cleanly(tmp_path):
     """Ctrl-C while the photos are hashed, the backbone compiles in the background, bottlenecks
     run, or the head trains: exit code 130 and one message, never a traceback or a hang."""

@@ -41,6 +41,7 @@ def test_tail_reproduces_the_frozen_backbone():
     assert torch.allclose(ref, got, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_fine_tune_one_epoch_exports_a_self_contained_model(tmp_path):
     from retrain.classifier import Classifier
 

@@ -56,6 +56,7 @@ def test_cross_validation_predicts_each_sample_by_a_head_that_did_not_see_it():
     assert cv["grid"][[g["l2"] for g in cv["grid"]].index(cv["l2"])]["accuracy"] == pytest.approx(oof_acc)
 
 
+@pytest.mark.slow
 def test_small_data_fit_reports_cross_validated_accuracy_and_trains_on_every_photo(tmp_path):
     """12 photos per class: cross-validation, not a 2-photo test split; the model learns from all 36."""
     data = make_dataset(tmp_path / "images", per_class=12)
@@ -108,6 +109,7 @@ def test_fixed_split_chooses_on_validation_then_refits_on_train_and_validation(t
     assert "cross_validation" not in rep["metrics"] and rep["train"]["regime"]["name"] == "fixed split"
 
 
+@pytest.mark.slow
 def test_fine_tune_keeps_the_fixed_split_and_says_why(tmp_path):
     pytest.importorskip("torch")
     data = make_dataset(tmp_path / "images", per_class=6)

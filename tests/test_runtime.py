@@ -3,11 +3,13 @@ and elsewhere fail with one clear line that says what to install."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnxruntime as ort
 import pytest
 
-from conftest import EXAMPLES, make_dataset, run_cli
+from conftest import EXAMPLES, make_dataset, make_image, run_cli
 from retrain.errors import ConfigError, MissingDependency
 from retrain.runtime import make_session, resolve_providers, session_provider, trt_cache_dir
 
@@ -54,11 +56,19 @@ def test_missing_gpu_provider_is_one_line_naming_the_package(provider, tiny_run)
         assert "--provider cpu" in line
 
 
-def test_auto_labels_on_this_machine(tiny_run):
-    img = next(EXAMPLES.rglob("*.jpg"))
-    p = run_cli("label", tiny_run, img, "--provider", "auto", "--top-k", "1")
-    assert any(c in p.stdout for c in ("circle", "stripes", "squares"))
+def test_auto_labels_on_this_machine(tiny_run, tmp_path):
+    """--provider auto (whatever it picks here) names each new photo's class, with the scores
+    of a plain CPU session of the same model."""
+    from retrain.classifier import Classifier
+
+    photos = [make_image(tmp_path / f"{k}.png", k, 9000 + k) for k in range(3)]
+    p = run_cli("label", tiny_run, *photos, "--provider", "auto", "--top-k", "1", "--json")
     assert "error" not in p.stderr
+    got = [r["predictions"][0] for r in json.loads(p.stdout)]
+    assert [g["label"] for g in got] == ["circle", "stripes", "squares"]  # make_image's kinds 0, 1, 2
+    cpu = Classifier(tiny_run, provider="cpu").classify([str(x) for x in photos], top_k=1)
+    for g, ref in zip(got, cpu):
+        assert abs(g["score"] - ref["predictions"][0]["score"]) < 2e-3
 
 
 @pytest.mark.skipif(not NO_CUDA, reason="CUDA is available here")

@@ -103,7 +103,7 @@ def test_malformed_files_in_a_batch_get_their_own_errors(plain):
     for bad in (results[1], results[3]):
         assert bad["error"]["code"] == "bad_image" and bad["error"]["message"].startswith(bad["filename"])
     for good in (results[0], results[2]):
-        assert "error" not in good and good["label"] in ("circle", "stripes", "squares")
+        assert "error" not in good and good["predictions"][0]["label"] in ("circle", "stripes", "squares")
 
 
 # ------------------------------------------------------------------------------- pixel floods

@@ -99,6 +99,7 @@ def test_projector_has_every_bottleneck_with_labels_and_thumbnails(sgd_run):
     assert cell.std() > 10
 
 
+@pytest.mark.slow
 def test_running_again_replaces_the_events(tmp_path, sgd_run):
     _, _, data = sgd_run
     tb = tmp_path / "tb"
