@@ -85,6 +85,11 @@ class Classifier:
         self.std = input_std if input_std is not None else self.meta.get("std", 128.0)
         self.crop_fraction = float(self.meta.get("crop_fraction", 0.875))
         self.unknown_threshold = self.meta.get("unknown_threshold")
+        # The novelty output (retrain.novelty), where the model has one; a --output_layer override
+        # or a graph without it means none.
+        nov = self.meta.get("novelty_output")
+        self.novelty_output = nov if nov in [o.name for o in outs] and nov != self.output_name else None
+        self.novelty_threshold = self.meta.get("novelty_threshold") if self.novelty_output else None
         self.workers = workers or min(4, os.cpu_count() or 1)
 
     @property
@@ -99,50 +104,87 @@ class Classifier:
         """uint8 (N, H, W, 3) -> probabilities (N, K). With tta, averages with the mirror image."""
         return self._predict_normalized(images.normalize(batch, self.mean, self.std), tta)
 
+    def predict_with_novelty(self, batch: np.ndarray, *, tta: bool = False):
+        """uint8 (N, H, W, 3) -> (probabilities (N, K), novelty (N,) or None where the model has no
+        novelty output). The novelty is the photo's own (never averaged with the mirror image:
+        the threshold was chosen on unmirrored photos)."""
+        return self._run(images.normalize(batch, self.mean, self.std), tta)
+
+    def is_unknown(self, probs_row, novelty) -> bool:
+        """Whether a photo is answered "unknown": novelty above the model's novelty threshold, or
+        its top score under the model's unknown_threshold (fit --unknown-precision)."""
+        if novelty is not None and self.novelty_threshold is not None and novelty > self.novelty_threshold:
+            return True
+        return self.unknown_threshold is not None and float(np.max(probs_row)) < self.unknown_threshold
+
     def classify_files(self, sources: list, *, batch_size: int = 8, quiet: bool = True,
                        tta: bool = False):
         """Probabilities for many files, decoded in threads while the model runs.
 
         Returns (probs (n, K) with NaN rows for failures, {index: reason}).
         """
+        probs, _novelty, errors = self.score_files(sources, batch_size=batch_size, quiet=quiet, tta=tta)
+        return probs, errors
+
+    def score_files(self, sources: list, *, batch_size: int = 8, quiet: bool = True, tta: bool = False):
+        """As classify_files, with the novelty: (probs (n, K), novelty (n,) or None where the model
+        has no novelty output, {index: reason}); NaN rows for failures."""
         from retrain.pipeline import run_pipeline
 
         probs = np.full((len(sources), len(self.labels)), np.nan, np.float32)
+        novelty = np.full(len(sources), np.nan, np.float32) if self.novelty_output else None
 
         def on_batch(idx, out):
-            probs[idx] = out
+            probs[idx] = out[0]
+            if novelty is not None:
+                novelty[idx] = out[1]
 
-        errors, _ = run_pipeline(list(sources), self.load_image, lambda x: self._predict_normalized(x, tta),
+        errors, _ = run_pipeline(list(sources), self.load_image, lambda x: self._run(x, tta),
                                  batch_size=batch_size,
                                  workers=self.workers, mean=self.mean, std=self.std,
                                  on_batch=on_batch, desc="Labelling", quiet=quiet)
-        return probs, errors
+        return probs, novelty, errors
 
     def classify(self, sources: list, *, top_k: int = 5, batch_size: int = 8, tta: bool | None = None,
                  quiet: bool = True) -> list[dict]:
-        """[{path, label, predictions: [{label, score}]} or {path, error}] for each source (a path
-        or bytes). `label` is "unknown" under the model's unknown_threshold. tta None: as the
-        model says."""
+        """[{path, label, predictions: [{label, score}], novelty, unknown} or {path, error}] for each
+        source (a path or bytes). `label` is "unknown" when the photo's novelty is above the
+        model's novelty threshold, or its top score under the model's unknown_threshold; the
+        best classes and their scores are given either way. `novelty` is None for a model
+        without a novelty output. tta None: as the model says."""
         tta = self.tta_default if tta is None else tta
-        probs, errors = self.classify_files(sources, batch_size=batch_size, quiet=quiet, tta=tta)
+        probs, novelty, errors = self.score_files(sources, batch_size=batch_size, quiet=quiet, tta=tta)
         results = []
         for i, src in enumerate(sources):
             name = src if isinstance(src, (str, os.PathLike)) else f"<bytes {i}>"
             if i in errors:
                 results.append({"path": name, "error": errors[i]})
                 continue
-            preds = self.top_k(probs[i], top_k)
-            best = preds[0]["label"]
-            if self.unknown_threshold is not None and preds[0]["score"] < self.unknown_threshold:
-                best = "unknown"
-            results.append({"path": name, "label": best, "predictions": preds})
+            results.append({"path": name, **self.answer(probs[i], None if novelty is None else novelty[i], top_k)})
         return results
+
+    def answer(self, p: np.ndarray, novelty=None, k: int = 5) -> dict:
+        """One photo's answer from its probabilities and novelty: {label, predictions, novelty, unknown}."""
+        preds = self.top_k(p, k)
+        nov = None if novelty is None else round(float(novelty), 6)
+        unknown = self.is_unknown(p, nov)
+        return {"label": "unknown" if unknown else preds[0]["label"], "predictions": preds, "novelty": nov,
+                "unknown": unknown}
 
     def _predict_normalized(self, x: np.ndarray, tta: bool) -> np.ndarray:
         p = self.session.run([self.output_name], {self.input_name: x})[0]
         if tta:
             p = (p + self.session.run([self.output_name], {self.input_name: x[..., ::-1].copy()})[0]) / 2
         return p
+
+    def _run(self, x: np.ndarray, tta: bool):
+        """(probabilities, novelty or None) of normalised (N, 3, H, W) input, in one model call."""
+        if not self.novelty_output:
+            return self._predict_normalized(x, tta), None
+        p, nov = self.session.run([self.output_name, self.novelty_output], {self.input_name: x})
+        if tta:
+            p = (p + self.session.run([self.output_name], {self.input_name: x[..., ::-1].copy()})[0]) / 2
+        return p, nov
 
     def top_k(self, p: np.ndarray, k: int = 5) -> list[dict]:
         order = np.argsort(-p)[: min(k, len(self.labels))]
@@ -151,7 +193,8 @@ class Classifier:
     def describe(self) -> dict:
         """Model facts for people and for the server's /v1/model."""
         keep = ("architecture", "metrics", "retrain_version", "created", "tta", "unknown_threshold",
-                "temperature", "format")
+                "temperature", "format", "novelty_output", "novelty_method", "novelty_threshold",
+                "unknown_coverage")
         return {"path": str(self.path), "labels": self.labels, "input_name": self.input_name,
                 "output_name": self.output_name, "input_size": [self.height, self.width],
                 "mean": self.mean, "std": self.std, "crop_fraction": self.crop_fraction,

@@ -69,9 +69,25 @@ class FitConfig:
     validation_percentage: float = opt(10.0, "percent of images for the validation split",
                                        "--validation_percentage", range=(0.01, 89.99))
     # --- backbone and bottlenecks
-    architecture: str = opt("efficientnet_lite0", "frozen ImageNet backbone", "--architecture")
+    architecture: str = opt("efficientnet_lite0", "frozen ImageNet backbone: a name from `retrain backbones` "
+                            "(the codelab's mobilenet_<width>_<size> and inception_v3 too), or an .onnx image "
+                            "classifier or feature extractor: a path or an https:// URL", "--architecture")
+    bottleneck_tensor: str | None = opt(None, "ONNX backbone: the tensor taken as features (default: found: the "
+                                        "input of the final Gemm/MatMul, or the model's output)", metavar="NAME")
+    input_mean: str | None = opt(None, "ONNX backbone: subtracted from 0..255 pixels, a number or R,G,B, each "
+                                 "-1e4 to 1e4 (default: the model's metadata, else ImageNet's "
+                                 "123.675,116.28,103.53)", "--input_mean", metavar="MEAN")
+    input_std: str | None = opt(None, "ONNX backbone: pixels are then divided by this, a number or R,G,B, each "
+                                "1e-6 to 1e4 (default: the model's metadata, else ImageNet's 58.395,57.12,57.375)",
+                                "--input_std", metavar="STD")
+    input_height: int | None = opt(None, "ONNX backbone: input height in pixels (default: the graph's, else "
+                                   "224)", "--input_height", range=(16, 4096))
+    input_width: int | None = opt(None, "ONNX backbone: input width in pixels; retrain needs it equal to the "
+                                  "height (default: the graph's, else 224)", "--input_width", range=(16, 4096))
     cache_dir: str | None = opt(None, "bottleneck cache folder (default: user cache folder)",
                                 "--bottleneck_dir")
+    features: str | None = opt(None, "train from a feature store made by retrain embed (a folder or a URI such "
+                               "as s3://...), with no photos; in place of IMAGE_DIR", metavar="STORE")
     batch_size: int = opt(8, "images per backbone batch when computing bottlenecks (8 is fastest on a CPU)",
                      range=(1, 1024))
     bottleneck_precision: str = opt("auto", "auto: bf16 on CPUs with bf16 units (AMX, AVX-512 BF16; "
@@ -82,9 +98,11 @@ class FitConfig:
     provider: str = opt("auto", "ONNX Runtime execution provider", choices=("auto", "cpu", "cuda", "tensorrt"))
     # --- final layer
     optimizer: str = opt("auto", "lbfgs: full-batch L-BFGS with L2 chosen on validation (best "
-                         "without tuning); sgd: the codelab's mini-batch gradient descent; auto: sgd "
-                         "when --learning_rate or --how_many_training_steps is given, else lbfgs",
-                         choices=("auto", "lbfgs", "sgd"))
+                         "without tuning); sgd: the codelab's mini-batch gradient descent; stream (with "
+                         "--features): mini-batch Adam over the store's row groups, memory bounded; auto: sgd "
+                         "when --learning_rate or --how_many_training_steps is given, with --features stream "
+                         "beyond 2 GB of features, else lbfgs",
+                         choices=("auto", "lbfgs", "sgd", "stream"))
     learning_rate: float | None = opt(None, "sgd learning rate (codelab default 0.01); with --fine-tune, "
                                       "the head's fine-tuning rate (default 6e-4)", "--learning_rate",
                                       range=(1e-9, 100))
@@ -101,6 +119,11 @@ class FitConfig:
     l2: float | None = opt(None, "L2 strength of the final layer (default: chosen on validation)",
                           range=(0, 1e4))
     seed: int = opt(0, "random seed: same seed, same data -> same model", range=(0, 2**32 - 1))
+    cross_validate_below: int = opt(50, "small data: when the smallest class has fewer photos than this, "
+                                    "L2 is chosen by k-fold cross-validation, the head trains on every photo "
+                                    "and the cross-validated accuracy is reported (0: always the fixed split; "
+                                    "--fine-tune and sgd keep the fixed split)", range=(0, 1_000_000))
+    cv_folds: int = opt(5, "folds of that cross-validation", range=(2, 20))
     # --- outputs
     final_tensor_name: str = opt("final_result", "name of the model's output", "--final_tensor_name")
     output_graph: str | None = opt(None, "also copy model.onnx here", "--output_graph")
@@ -124,9 +147,17 @@ class FitConfig:
                              choices=("none", "balanced"))
     no_calibration: bool = opt(False, "skip temperature scaling (by default a temperature is fitted on "
                                "held-out predictions so that scores match accuracy)")
-    unknown_precision: float | None = opt(None, "answer 'unknown' under a score threshold chosen on "
-                                          "validation for this precision (e.g. 0.95)", "--unknown_precision",
-                                          range=(1e-6, 1 - 1e-6))
+    unknown_precision: float | None = opt(None, "also answer 'unknown' under a top-score threshold chosen "
+                                          "on validation for this precision (e.g. 0.95); it catches doubtful "
+                                          "photos of the classes, the novelty (--unknown-coverage) photos of none",
+                                          "--unknown_precision", range=(1e-6, 1 - 1e-6))
+    unknown_coverage: float = opt(0.95, "open-set rejection: answer 'unknown' for photos unlike the training "
+                                  "photos (a novelty score from the features, a second output of the model); "
+                                  "the threshold keeps this share of in-distribution photos", range=(0.5, 1.0))
+    no_unknown: bool = opt(False, "no novelty score: the model never answers 'unknown' unless --unknown-precision")
+    unknown_examples: str | None = opt(None, "folder of photos that belong to none of the classes (never trained "
+                                       "as a class): they tighten the novelty threshold, by at most 5 points of coverage",
+                                       metavar="DIR")
     tta: bool = opt(False, "record test-time augmentation (mirror averaging) in the model; label and "
                     "evaluate then use it by default")
     # --- fine-tuning (needs torch)

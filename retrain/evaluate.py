@@ -7,6 +7,7 @@ can never disagree on what "accuracy" means.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -77,13 +78,34 @@ def format_metrics(m: dict, title: str = "") -> str:
     return "\n".join(lines)
 
 
-def evaluate(model, image_dir, *, provider: str = "auto", batch_size: int = 8, tta: bool | None = None,
-             quiet: bool = False, **overrides) -> dict:
-    """Accuracy, per-class precision/recall/F1, confusion and misclassified photos of a model (run
-    folder or .onnx) on a folder of class subfolders.
+def format_open_set(o: dict) -> str:
+    """The open-set figures in words."""
+    def pct(v):
+        return "n/a" if v is None else f"{v * 100:.1f}%"
 
-        >>> m = retrain.evaluate("runs/flowers", "more_flower_photos")
-        >>> m["accuracy"], m["per_class"]["roses"]["recall"]
+    ins = o["inside"]
+    lines = [f"answered unknown: {pct(ins['rejected'])} of these photos (open-set accuracy {pct(ins['open_set_accuracy'])}"
+             f"; score: {o['score']})"]
+    if "outside" in o:
+        out = o["outside"]
+        auroc = "n/a" if o["auroc"] is None else f"{o['auroc']:.3f}"
+        lines.append(f"outside photos ({out['dir']}, n={out['n']}): {pct(out['rejected'])} answered unknown; "
+                     f"AUROC {auroc}; open-set accuracy over both {pct(o['open_set_accuracy'])}")
+        for sk in out["skipped"]:
+            lines.append(f"  skipped {sk['path']}: {sk['reason']}")
+    return "\n".join(lines)
+
+
+def evaluate(model, image_dir, *, provider: str = "auto", batch_size: int = 8, tta: bool | None = None,
+             quiet: bool = False, unknown_dir=None, **overrides) -> dict:
+    """Accuracy, per-class precision/recall/F1, confusion and misclassified photos of a model (run
+    folder or .onnx) on a folder of class subfolders; `accuracy` is closed-set (the best class,
+    whatever the novelty). "open_set": how many of these photos it answers "unknown" and, with
+    `unknown_dir` (a folder of photos of none of the classes), how many of those, and the AUROC
+    of the novelty between the two (see open_set_metrics).
+
+        >>> m = retrain.evaluate("runs/flowers", "more_flower_photos", unknown_dir="not_flowers")
+        >>> m["accuracy"], m["per_class"]["roses"]["recall"], m["open_set"]["outside"]["rejected"]
     """
     from retrain.classifier import Classifier
     from retrain.scan import scan
@@ -92,7 +114,7 @@ def evaluate(model, image_dir, *, provider: str = "auto", batch_size: int = 8, t
     s = scan(image_dir, quiet=quiet, allowed_classes=clf.labels)
     paths = [it.path for it in s.items]
     tta = clf.tta_default if tta is None else tta  # None: as recorded in the model (fit --tta)
-    probs, errors = clf.classify_files(paths, batch_size=batch_size, quiet=quiet, tta=tta)
+    probs, novelty, errors = clf.score_files(paths, batch_size=batch_size, quiet=quiet, tta=tta)
     ok = [i for i in range(len(paths)) if i not in errors]
     y = np.array([clf.labels.index(s.items[i].label) for i in ok], dtype=np.int64)
     m = compute_metrics(y, probs[ok], clf.labels, [paths[i] for i in ok])
@@ -100,7 +122,51 @@ def evaluate(model, image_dir, *, provider: str = "auto", batch_size: int = 8, t
     m["image_dir"] = str(s.root)
     m["skipped"] = s.skipped + [{"path": paths[i], "reason": r} for i, r in errors.items()]
     m["tta"] = bool(tta)
+    outside = None
+    if unknown_dir is not None:
+        from retrain.novelty import list_photos
+
+        opaths = list_photos(unknown_dir, flag="--unknown-dir")
+        oprobs, onov, oerr = clf.score_files(opaths, batch_size=batch_size, quiet=quiet, tta=tta)
+        keep = [i for i in range(len(opaths)) if i not in oerr]
+        outside = {"dir": str(unknown_dir), "probs": oprobs[keep], "novelty": None if onov is None else onov[keep],
+                   "skipped": [{"path": opaths[i], "reason": r} for i, r in oerr.items()]}
+    m["open_set"] = open_set_metrics(clf, y, probs[ok], None if novelty is None else novelty[ok], outside)
     return m
+
+
+def open_set_metrics(clf, y, probs, novelty, outside=None) -> dict:
+    """What the model answers "unknown" (Classifier.is_unknown) on in-distribution photos (y, probs,
+    novelty) and on outside photos (dict: dir, probs, novelty, skipped): the shares rejected,
+    the open-set accuracy (inside: the right class and not unknown; outside: unknown), and the
+    AUROC of the score (the novelty; for a model without one, 1 - the top score)."""
+    from retrain.novelty import auroc, histogram
+
+    def score(p, nov):
+        return np.asarray(nov, np.float64) if nov is not None else 1.0 - np.asarray(p, np.float64).max(1)
+
+    def unknown(p, nov):
+        return np.array([clf.is_unknown(p[i], None if nov is None else float(nov[i])) for i in range(len(p))], bool)
+
+    s_in, u_in = score(probs, novelty), unknown(probs, novelty)
+    right = (np.asarray(probs).argmax(1) == y) & ~u_in if len(y) else np.zeros(0, bool)
+    out = {"score": "novelty" if novelty is not None else "1 - top score (this model has no novelty output; "
+                                                          "retrain it to get one)",
+           "novelty_threshold": clf.novelty_threshold, "unknown_threshold": clf.unknown_threshold,
+           "inside": {"n": int(len(y)), "rejected": float(u_in.mean()) if len(y) else None,
+                      "open_set_accuracy": float(right.mean()) if len(y) else None}}
+    if outside is not None:
+        s_out, u_out = score(outside["probs"], outside["novelty"]), unknown(outside["probs"], outside["novelty"])
+        n = len(s_out)
+        out["outside"] = {"dir": outside["dir"], "n": int(n), "rejected": float(u_out.mean()) if n else None,
+                          "skipped": outside["skipped"]}
+        out["auroc"] = auroc(s_in, s_out)
+        total = len(y) + n
+        out["open_set_accuracy"] = float((right.sum() + u_out.sum()) / total) if total else None
+        out["histogram"] = histogram(s_in, s_out, inside_label="these photos (in-distribution)",
+                                     outside_label=f"outside photos ({Path(outside['dir']).name})",
+                                     threshold=clf.novelty_threshold if novelty is not None else None)
+    return out
 
 
 def add_arguments(p) -> None:
@@ -111,6 +177,9 @@ def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     add_inference_arguments(p)
     p.add_argument("--html", metavar="FILE", help="also write an HTML report of the evaluation")
+    p.add_argument("--unknown-dir", "--unknown_dir", metavar="DIR",
+                   help="a folder of photos that belong to none of the classes: how many are answered unknown, "
+                        "and the AUROC of the novelty score against the labelled photos")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
@@ -124,7 +193,7 @@ def main(args) -> int:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     log = Log(args.quiet or args.json)
     m = evaluate(args.model, args.image_dir, provider=args.provider, batch_size=args.batch_size,
-                 tta=args.tta, quiet=args.quiet or args.json)
+                 tta=args.tta, quiet=args.quiet or args.json, unknown_dir=args.unknown_dir)
     if args.html:
         from retrain.report import write_eval_html
 
@@ -134,6 +203,8 @@ def main(args) -> int:
         print_json(m)
         return 0
     print(format_metrics(m, f"{m['model']} on {m['image_dir']}"))
+    if m.get("open_set"):
+        print(format_open_set(m["open_set"]))
     if m["misclassified"]:
         print(f"misclassified ({len(m['misclassified'])}):")
         for r in m["misclassified"][:50]:

@@ -50,6 +50,7 @@ class Data:
     warnings: list[str]
     bottleneck_timing: dict
     timings: dict = field(default_factory=dict)
+    stream: dict | None = None  # fit --features of a large store: retrain.streamfit's streamed optimiser
 
     @property
     def split(self):
@@ -84,30 +85,33 @@ def fit(cfg: FitConfig, *, log=None) -> dict:
             head = refit_final_layer(plan, data, train_info, log)
         metrics = score(head, data, calibration["temperature"], selection=selection)
     train_info["regime"] = regime
+    novelty = fit_novelty(plan, data, ft, log)
     report = write_run(plan, data, head, ft, train_info=train_info, history=history, calibration=calibration,
-                       metrics=metrics, check=check, t_start=t_start, log=log)
+                       metrics=metrics, check=check, t_start=t_start, log=log, novelty=novelty)
     copy_codelab_outputs(plan)
     return report
 
 
 # ------------------------------------------------------------------------------ the stages
 
-def plan_fit(cfg: FitConfig) -> Plan:
+def plan_fit(cfg: FitConfig, log=None) -> Plan:
     """Check the flags and where the run goes; settle precision, backbone and optimizer."""
     from retrain import augment
-    from retrain.backbones import get_backbone
+    from retrain.backbones import plan_backbone
     from retrain.bottlenecks import choose_precision
 
     validate_config(cfg)
     out = check_outputs(cfg)  # refused before any work: a user's folder is never replaced
     precision = choose_precision(cfg.bottleneck_precision, provider=cfg.provider, fine_tune=cfg.fine_tune)
+    # A name, a zoo download or an ONNX file (cut at its features); bf16/int8 where it compiles, else fp32.
+    backbone, precision = plan_backbone(cfg, precision, log=log or Log(cfg.quiet))
     distortions, views = augment.resolve(cfg)
     optimizer = cfg.optimizer
     if optimizer == "auto":
         # --learning_rate means the codelab's SGD, except with --fine-tune, where it is the fine-tuning rate.
         optimizer = "sgd" if ((cfg.learning_rate is not None and not cfg.fine_tune)
                               or cfg.how_many_training_steps is not None) else "lbfgs"
-    return Plan(cfg, out, get_backbone(cfg.architecture), precision, optimizer, distortions, views)
+    return Plan(cfg, out, backbone, precision, optimizer, distortions, views)
 
 
 def load_data(plan: Plan, log) -> Data:
@@ -119,6 +123,10 @@ def load_data(plan: Plan, log) -> Data:
     from retrain.split import check_class_sizes, split_items
 
     cfg, bb = plan.cfg, plan.backbone
+    if cfg.features:  # a feature store (retrain embed): no photos, no bottleneck cache
+        from retrain.streamfit import load_store
+
+        return Data(**load_store(plan, log))
     timings = {}
     cache = BottleneckCache(cfg.cache_dir or default_cache_dir(), bb, precision=plan.precision, log=log)
     if not len(cache):  # an empty cache: every photo will need the backbone, so build it while scanning
@@ -164,6 +172,10 @@ def train_final_layer(plan: Plan, data: Data, log) -> tuple[Head, dict, list]:
     """The softmax layer on the training bottlenecks (plus cached distorted views, if asked for):
     L-BFGS with L2 chosen on validation, or the codelab's SGD. Returns (head, info, history)."""
     cfg = plan.cfg
+    if plan.optimizer == "stream":  # fit --features of a store beyond memory
+        from retrain.streamfit import train_streamed
+
+        return train_streamed(plan, data, log)
     tr, va, _ = data.split
     Xtr, ytr = data.X[tr], data.y[tr]
     views_info = None
@@ -292,14 +304,17 @@ def refit_final_layer(plan: Plan, data: Data, train_info: dict, log) -> Head:
     t0 = time.perf_counter()
     idx = np.concatenate([tr, va])
     X, y = data.X[idx], data.y[idx]
+    views = None
     if plan.views:
-        Xv, yv, _ = distorted_views(plan, data, log, idx)
+        Xv, yv, views = distorted_views(plan, data, log, idx)
         X, y = np.concatenate([X, Xv]), np.concatenate([y, yv])
     weights = cfg.class_weights if cfg.class_weights != "none" else None
     head = train_lbfgs(X, y, X[:0], y[:0], len(data.labels), l2=train_info["l2"],
                        max_iter=cfg.how_many_training_steps or LBFGS_MAX_ITER, weights=weights)[0]
     train_info["refit"] = {"on": "train + validation", "n": int(len(idx)), "l2": train_info["l2"],
                            "seconds": round(time.perf_counter() - t0, 3)}
+    if views:
+        train_info["refit"]["views"] = views["timing"]
     log(f"Final layer refitted on train + validation ({len(idx)} photos, L2 {train_info['l2']:g})")
     data.timings["train_s"] = round(data.timings.get("train_s", 0) + time.perf_counter() - t0, 3)
     return head
@@ -333,6 +348,8 @@ def cross_validate_final_layer(plan: Plan, data: Data, log):
     head, l2, history, _grid = train_lbfgs(Xall, yall, X[:0], y[:0], k, l2=cv["l2"],
                                            max_iter=cfg.how_many_training_steps or LBFGS_MAX_ITER,
                                            eval_every=cfg.eval_step_interval, weights=weights)
+    # The final head has no validation split: its curve is the training one alone.
+    history = [h | {"validation_accuracy": None, "validation_cross_entropy": None} for h in history]
     data.timings["train_s"] = round(time.perf_counter() - t0, 3)
     calibration = calibrate_out_of_fold(cv["logits"], y, data.parts, cfg, log=log)
     T = calibration["temperature"]
@@ -375,7 +392,7 @@ def softmax_rows(z: np.ndarray) -> np.ndarray:
 
 
 def write_run(plan: Plan, data: Data, head: Head, ft, *, train_info, history, calibration, metrics, check,
-              t_start, log) -> dict:
+              t_start, log, novelty=None) -> dict:
     """model.onnx (verified against the head), labels, split, report and report.html, written
     beside the destination and swapped in whole (retrain.run)."""
     from retrain.model import write_model
@@ -391,14 +408,16 @@ def write_run(plan: Plan, data: Data, head: Head, ft, *, train_info, history, ca
         W, b = head.folded()
         check_imgs, check_idx, check_feats = check.result()
         expected = head.probs(data.X[check_idx] if check_feats is None else check_feats, temperature)
+        expected = (expected,) if novelty is None else (  # the novelty output is checked too
+            expected, novelty.score(data.X[check_idx] if check_feats is None else check_feats))
         extra_meta = {"optimizer": train_info["optimizer"], "temperature": temperature,
                       "tta": bool(cfg.tta), "fine_tuned": bool(ft)}
         if calibration.get("unknown_threshold") is not None:
             extra_meta["unknown_threshold"] = calibration["unknown_threshold"]
         parity = write_model(tmp / MODEL, bb, W, b, labels=data.labels, metrics=summary_metrics,
-                             output_name=cfg.final_tensor_name, check=(check_imgs, expected),
+                             output_name=cfg.final_tensor_name, check=(check_imgs, *expected),
                              extra_meta=extra_meta, temperature=temperature, precision=plan.precision,
-                             fine_tuned=ft)
+                             fine_tuned=ft, novelty=novelty)
         run = Run(tmp)
         run.write_labels(data.labels)
         run.write_split(split_doc(cfg, data))
@@ -406,6 +425,11 @@ def write_run(plan: Plan, data: Data, head: Head, ft, *, train_info, history, ca
         data.timings["total_s"] = round(time.perf_counter() - t_start, 3)
         report = build_report(plan, data, train_info=train_info, history=history, metrics=metrics,
                               calibration=calibration, parity=parity)
+        report["novelty"] = novelty.report if novelty is not None else {"off": "--no-unknown"}
+        from retrain.mislabels import for_run  # photos whose folder the out-of-fold heads disagree with
+
+        report["label_issues"] = for_run(data.X, data.y, [it.path for it in data.items], data.labels,
+                                         l2=train_info.get("l2"), seed=cfg.seed, log=log)
         if cfg.summaries_dir:
             from retrain.summaries import write_summaries  # TensorBoard events
 
@@ -416,6 +440,81 @@ def write_run(plan: Plan, data: Data, head: Head, ft, *, train_info, history, ca
     if ft is not None:
         checkpoint_path(plan.out).unlink(missing_ok=True)  # finished: nothing left to resume
     return report
+
+
+def fit_novelty(plan: Plan, data: Data, ft, log):
+    """The novelty score (retrain.novelty) on the features the model's backbone computes: the
+    references and the threshold (at --unknown-coverage, tightened by --unknown-examples), with
+    the open-set protocol measured. None with --no-unknown."""
+    from retrain import novelty
+
+    cfg = plan.cfg
+    if cfg.no_unknown:
+        return None
+    t0 = time.perf_counter()
+    examples, info = unknown_example_features(plan, data, ft, log) if cfg.unknown_examples else (None, None)
+    nov = novelty.fit(data.X, data.y, data.parts, data.labels, coverage=cfg.unknown_coverage,
+                      digests=[it.digest for it in data.items], examples=examples, examples_info=info,
+                      seed=cfg.seed, log=log)
+    data.timings["novelty_s"] = round(time.perf_counter() - t0, 3)
+    return nov
+
+
+def unknown_example_features(plan: Plan, data: Data, ft, log) -> tuple[np.ndarray, dict]:
+    """Features of the --unknown-examples photos, by the backbone the model will have (the
+    bottleneck cache, or the fine-tuned graph), and what was read."""
+    from retrain.bottlenecks import extract
+    from retrain.novelty import list_photos
+    from retrain.scan import ImageItem, digest_file
+
+    cfg, bb = plan.cfg, plan.backbone
+    items, skipped = [], []
+    for p in list_photos(cfg.unknown_examples):
+        try:
+            digest, n = digest_file(p)
+        except OSError as e:
+            skipped.append({"path": p, "reason": str(e)})
+            continue
+        items.append(ImageItem(p, "(unknown examples)", digest, n))
+    if ft is None:
+        feats, failures, _ = extract(items, bb, data.cache, provider=cfg.provider, batch_size=cfg.batch_size,
+                                     workers=cfg.workers or None, quiet=cfg.quiet, log=log)
+    else:
+        feats, failures = _fine_tuned_features(bb, ft, [it.path for it in items], cfg)
+    skipped += [{"path": p, "reason": r} for p, r in failures.items()]
+    ok = np.isfinite(feats).all(1)
+    if not ok.any():
+        from retrain.errors import DataError
+
+        raise DataError(f"--unknown-examples {cfg.unknown_examples}: none of its {len(items) + len(skipped)} images "
+                        "could be read" + (f" (e.g. {skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ""))
+    for sk in skipped:
+        log(f"skipped {sk['path']}: {sk['reason']}")
+    return feats[ok], {"folder": str(Path(cfg.unknown_examples).expanduser().resolve()), "skipped": skipped}
+
+
+def _fine_tuned_features(bb, ft, paths: list[str], cfg) -> tuple[np.ndarray, dict]:
+    """Features of photos through the fine-tuned backbone (its ONNX graph, run once here)."""
+    import tempfile
+
+    from retrain.finetune import fine_tuned_features_onnx
+    from retrain.images import load
+    from retrain.pipeline import run_pipeline
+    from retrain.runtime import OnnxEngine, make_session
+
+    feats = np.full((len(paths), bb.feature_dim), np.nan, np.float32)
+    with tempfile.TemporaryDirectory(prefix="retrain-ft-") as tmp:
+        graph = Path(tmp) / "features.onnx"
+        fine_tuned_features_onnx(bb, ft, graph)
+        engine = OnnxEngine(make_session(graph, provider=cfg.provider))
+
+        def on_batch(idx, out):
+            feats[idx] = out
+
+        errors, _ = run_pipeline(list(range(len(paths))), lambda i: load(paths[i], bb.image_size, bb.crop_fraction),
+                                 engine, batch_size=cfg.batch_size, workers=cfg.workers or None, mean=bb.mean,
+                                 std=bb.std, on_batch=on_batch, desc="Unknown examples", quiet=cfg.quiet)
+    return feats, {paths[i]: r for i, r in errors.items()}
 
 
 def copy_codelab_outputs(plan: Plan) -> None:
@@ -439,7 +538,14 @@ def validate_config(cfg: FitConfig) -> None:
         if not cond:
             raise ConfigError(msg)
 
-    need(cfg.image_dir, "no image folder given: retrain fit IMAGE_DIR (one subfolder of photos per class)")
+    need(cfg.image_dir or cfg.features,
+         "no image folder given: retrain fit IMAGE_DIR (one subfolder of photos per class), or --features STORE")
+    need(not (cfg.image_dir and cfg.features), "give an image folder or --features STORE, not both (the store "
+         "already holds the photos' features: retrain embed DIR --out STORE adds new photos to it)")
+    need(not (cfg.features and (cfg.fine_tune or cfg.distortions_requested())),
+         "--features trains the final layer from stored features: --fine-tune and distortions need the photos")
+    need(cfg.optimizer != "stream" or cfg.features, "--optimizer stream trains from a feature store: add "
+         "--features STORE (retrain embed DIR --out STORE makes one)")
     for name in ("testing_percentage", "validation_percentage"):
         v = getattr(cfg, name)
         need(0 < v < 100, f"--{name} must be between 0 and 100 (exclusive), got {v}")
@@ -459,6 +565,13 @@ def validate_config(cfg: FitConfig) -> None:
     need(not cfg.resume or cfg.fine_tune, "--resume continues an interrupted --fine-tune; add --fine-tune")
     need(cfg.final_tensor_name.replace("_", "").replace("/", "").isalnum(),
          f"--final_tensor_name must be letters, digits and _ , got '{cfg.final_tensor_name}'")
+    need(not (cfg.no_unknown and cfg.unknown_examples), "--unknown-examples tightens the novelty threshold, "
+         "which --no-unknown turns off; drop one of them")
+    if cfg.unknown_examples and cfg.image_dir:
+        from retrain.novelty import check_examples_folder, list_photos
+
+        check_examples_folder(cfg.unknown_examples, cfg.image_dir)
+        list_photos(cfg.unknown_examples)  # a folder with images, before any work
     check_ranges(cfg)  # every other number: finite and within its table range (--l2 inf, --seed -1, ...)
 
 
@@ -467,7 +580,7 @@ def check_outputs(cfg: FitConfig) -> Path:
     --output_labels may be written (retrain.run's rules). Raises ConfigError."""
     from retrain.run import check_destination, is_labels_file, is_retrain_model
 
-    image_dir = Path(cfg.image_dir).expanduser()
+    image_dir = Path(cfg.image_dir or cfg.features).expanduser()
     out = check_destination(cfg.output or Path("runs") / image_dir.resolve().name, image_dir=image_dir)
     for flag, path, ours in (("--output_graph", cfg.output_graph, is_retrain_model),
                              ("--output_labels", cfg.output_labels, is_labels_file)):
@@ -490,6 +603,10 @@ def export_check_inputs(plan: Plan, data: Data, log):
     from retrain.images import load, normalize
 
     bb = plan.backbone
+    if plan.cfg.features:  # the photos may be elsewhere: the calibration photos shipped with retrain
+        from retrain.streamfit import check_inputs
+
+        return check_inputs(plan, log)
     tr, va, _ = data.split
     idx = (va if len(va) else tr)[:8]
     imgs = np.stack([load(data.items[i].path, bb.image_size, bb.crop_fraction) for i in idx])
@@ -537,7 +654,7 @@ def build_report(plan: Plan, data: Data, *, train_info, history, metrics, calibr
         "image_dir": s.root,
         "output": str(plan.out),
         "architecture": bb.name,
-        "backbone": bb.preprocessing() | {"fingerprint": bb.fingerprint(), "params": bb.params},
+        "backbone": bb.report_info(),
         "bottleneck_precision": plan.precision,
         "provider": cfg.provider,
         "labels": data.labels,
@@ -594,7 +711,7 @@ def expand_sweep(cfg: FitConfig) -> list[FitConfig]:
                 raise ConfigError(f"--{name}: cannot read '{v}' as a list of {types[name].__name__}") from None
     if not axes:
         return [cfg]
-    base = Path(cfg.output or Path("runs") / Path(cfg.image_dir).resolve().name)
+    base = Path(cfg.output or Path("runs") / Path(cfg.image_dir or cfg.features).resolve().name)
     out = []
     for combo in itertools.product(*axes.values()):
         changes = dict(zip(axes, combo))
@@ -635,7 +752,8 @@ def _check_sweep(runs: list[FitConfig]) -> None:
             if allowed and v not in allowed:
                 raise ConfigError(f"--{name} must be one of {', '.join(allowed)}, got '{v}'.{did_you_mean(v, allowed)}")
         validate_config(c)
-        get_backbone(c.architecture)
+        get_backbone(c.architecture, tensor=c.bottleneck_tensor, mean=c.input_mean, std=c.input_std,
+                     height=c.input_height, width=c.input_width)
 
 
 def _main_one(cfg: FitConfig, log) -> int:

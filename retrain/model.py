@@ -3,7 +3,8 @@ checks its metadata.
 
 The graph: input `input` (N, 3, H, W) float32, (pixel - mean) / std in 0..255 units -> the
 backbone's pooled features -> MatMul W -> Add b -> / temperature -> Softmax -> `final_result`
-(N, K) probabilities. The metadata (METADATA) carries everything needed to use it, so a plain
+(N, K) probabilities; unless `fit --no-unknown`, a second output `novelty` (N,) computed from the same
+features (retrain.novelty). The metadata (METADATA) carries everything needed to use it, so a plain
 onnxruntime.InferenceSession plus the metadata is enough (README: "Using the model without
 retrain"). Built with the onnx library from the cached backbone graph: no torch needed. The
 written model is re-run and compared with the trained head before it is declared written.
@@ -42,6 +43,10 @@ METADATA = {
     "tta": "average with the mirror image by default", "fine_tuned": "the backbone's tail was trained",
     "optimizer": "how the head was trained", "backbone_precision": "fp32 or int8 backbone graph",
     "bottleneck_precision": "the precision the head was trained on",
+    "novelty_output": "the graph's second output: how unlike the training photos each photo is (N,)",
+    "novelty_method": "how the novelty is computed, in words (retrain.novelty)",
+    "novelty_threshold": "novelty above which to answer unknown (none: never)",
+    "unknown_coverage": "share of in-distribution photos the novelty threshold keeps",
 }
 
 
@@ -146,18 +151,24 @@ def validate_metadata(meta: dict, input_shape=None, output_width=None, *, where=
     if has("unknown_threshold") and meta["unknown_threshold"] is not None \
             and not _finite(meta["unknown_threshold"], 0, 1):
         bad("unknown_threshold", "a score from 0 to 1 (or no threshold)")
+    if has("novelty_threshold") and meta["novelty_threshold"] is not None \
+            and not _finite(meta["novelty_threshold"], 0, 2):
+        bad("novelty_threshold", "a novelty from 0 to 2 (or no threshold)")
+    if has("unknown_coverage") and not (_finite(meta["unknown_coverage"]) and 0 < meta["unknown_coverage"] <= 1):
+        bad("unknown_coverage", "a share above 0 and at most 1")
     if has("temperature") and not (_finite(meta["temperature"]) and meta["temperature"] > 0):
         bad("temperature", "a positive number")
     if has("tta") and not isinstance(meta["tta"], bool):
         bad("tta", "true or false")
-    for key in ("input_name", "output_name"):
+    for key in ("input_name", "output_name", "novelty_output"):
         if has(key) and not (isinstance(meta[key], str) and meta[key]):
             bad(key, "the name of one of the model's tensors")
 
 
 def attach_head(backbone_onnx, W: np.ndarray, b: np.ndarray, *, output_name: str = "final_result",
-                temperature: float = 1.0):
-    """Backbone features (N, C) -> MatMul W (C, K) -> Add b -> /T -> Softmax -> output_name."""
+                temperature: float = 1.0, novelty=None):
+    """Backbone features (N, C) -> MatMul W (C, K) -> Add b -> /T -> Softmax -> output_name; with
+    `novelty` (a retrain.novelty.Novelty) a second output, its score (N,) from the same features."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -175,7 +186,22 @@ def attach_head(backbone_onnx, W: np.ndarray, b: np.ndarray, *, output_name: str
     ])
     del g.output[:]
     g.output.extend([helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["N", W.shape[1]])])
+    if novelty is not None:
+        from retrain.novelty import onnx_nodes
+
+        opset = max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), default=13)
+        nodes, inits, out = onnx_nodes(novelty, feat, opset, novelty_output_name(output_name))
+        g.initializer.extend(inits)
+        g.node.extend(nodes)
+        g.output.extend([out])
     return m
+
+
+def novelty_output_name(output_name: str) -> str:
+    """The novelty output's name: "novelty", unless the probabilities took it."""
+    from retrain.novelty import OUTPUT
+
+    return OUTPUT if output_name != OUTPUT else OUTPUT + "_score"
 
 
 def set_metadata(m, meta: dict) -> None:
@@ -228,9 +254,11 @@ def save_atomic(m, path: Path) -> None:
             os.unlink(tmp)
 
 
-def verify(model_path, x_uint8: np.ndarray, expected: np.ndarray, *, tol: float = 2e-3) -> float:
+def verify(model_path, x_uint8: np.ndarray, expected: np.ndarray, expected_novelty=None, *,
+           tol: float = 2e-3) -> float:
     """Run the written model as a user outside retrain would (a plain InferenceSession, the
-    preprocessing its metadata states) and compare with `expected` probabilities."""
+    preprocessing its metadata states) and compare with `expected` probabilities (and the
+    novelty output with `expected_novelty`, where given)."""
     from retrain.images import normalize
     from retrain.runtime import make_session
 
@@ -240,20 +268,26 @@ def verify(model_path, x_uint8: np.ndarray, expected: np.ndarray, *, tol: float 
     validate_metadata(meta, where=model_path)
     sess = make_session(model_path, provider="cpu")
     x = normalize(x_uint8, meta["mean"], meta["std"])
-    got = sess.run([meta["output_name"]], {meta["input_name"]: x})[0]
-    diff = float(np.abs(got - expected).max())
+    names = [meta["output_name"]] + ([meta["novelty_output"]] if expected_novelty is not None else [])
+    got = sess.run(names, {meta["input_name"]: x})
+    diff = float(np.abs(got[0] - expected).max())
     if diff > tol:
         raise ModelError(f"exported model disagrees with the trained head (max prob diff {diff:.2e} > {tol})")
+    if expected_novelty is not None:
+        nd = float(np.abs(got[1] - np.asarray(expected_novelty)).max())
+        if nd > tol:
+            raise ModelError(f"exported model's novelty disagrees with the fitted score (max diff {nd:.2e} > {tol})")
     return diff
 
 
 def write_model(path: Path, backbone, W, b, *, labels, metrics, output_name="final_result",
                 extra_meta=None, temperature: float = 1.0, check=None, precision: str = "fp32",
-                fine_tuned=None) -> float:
+                fine_tuned=None, novelty=None) -> float:
     """Build, save and verify model.onnx: the backbone graph (of the bottlenecks' precision, or
-    the fine-tuned one: a retrain.finetune.FineTuneResult) + the head.
+    the fine-tuned one: a retrain.finetune.FineTuneResult) + the head (+ the novelty output:
+    a retrain.novelty.Novelty, its keys in the metadata).
 
-    `check` = (uint8 images, expected probs). Returns the max probability difference.
+    `check` = (uint8 images, expected probs[, expected novelty]). Returns the max probability difference.
     """
     import onnx
 
@@ -271,7 +305,9 @@ def write_model(path: Path, backbone, W, b, *, labels, metrics, output_name="fin
             kind = "int8" if precision == "int8" else "fp32"
             graph = features_onnx(backbone, precision=kind)
             extra = {"backbone_precision": kind, "bottleneck_precision": precision, **extra}
-        m = attach_head(graph, W, b, output_name=output_name, temperature=temperature)
+        m = attach_head(graph, W, b, output_name=output_name, temperature=temperature, novelty=novelty)
+    if novelty is not None:
+        extra = {**extra, **novelty.metadata(), "novelty_output": novelty_output_name(output_name)}
     set_metadata(m, model_metadata(labels=labels, backbone=backbone, metrics=metrics, output_name=output_name,
                                    extra=extra))
     onnx.checker.check_model(m)

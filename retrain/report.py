@@ -315,6 +315,108 @@ def _skipped_section(skipped: list[dict], root) -> list[str]:
     return body
 
 
+def svg_histogram(hist: dict, *, title: str, width: int = 560, height: int = 280,
+                  css_id: str | None = None) -> str:
+    """Two overlaid histograms over shared bins (inside: blue, outside: red), each scaled to its
+    own share of photos, with the threshold as a dashed line."""
+    edges, a, b = hist.get("edges") or [], hist.get("inside") or [], hist.get("outside") or []
+    if len(edges) < 2:
+        return f'<p class="sub">{esc(title)}: no data</p>'
+    na, nb = max(sum(a), 1), max(sum(b), 1)
+    shares = [[v / na for v in a], [v / nb for v in b]]
+    top = max(max(x) for x in shares if x) or 1
+    L, R, T, B = 48, 12, 26, 72
+    pw, ph = width - L - R, height - T - B
+    x0, x1 = edges[0], edges[-1]
+
+    def sx(x):
+        return L + (x - x0) / ((x1 - x0) or 1) * pw
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+           f'aria-label="{esc(title)}"' + (f' id="{esc(css_id)}"' if css_id else "")
+           + ' style="background:#fff;border:1px solid #e2e4e8">',
+           f'<text x="{L}" y="16" style="font-weight:600;font-size:13px">{esc(title)}</text>',
+           f'<rect x="{L}" y="{T}" width="{pw}" height="{ph}" fill="none" stroke="#bbb"/>']
+    for t in _nice_ticks(x0, x1):
+        out.append(f'<line x1="{sx(t):.1f}" x2="{sx(t):.1f}" y1="{T + ph}" y2="{T + ph + 4}" stroke="#888"/>'
+                   f'<text x="{sx(t):.1f}" y="{T + ph + 16}" text-anchor="middle">{t:g}</text>')
+    names = (f"{hist.get('inside_label', 'inside')} (n={sum(a)})", f"{hist.get('outside_label', 'outside')} (n={sum(b)})")
+    for k, (vals, color) in enumerate(zip(shares, (COLORS[0], COLORS[1]))):
+        for i, v in enumerate(vals):
+            if v:
+                h = v / top * ph
+                out.append(f'<rect class="bar-{("inside", "outside")[k]}" x="{sx(edges[i]):.1f}" y="{T + ph - h:.1f}" '
+                           f'width="{max(sx(edges[i + 1]) - sx(edges[i]) - 1, 1):.1f}" height="{h:.1f}" '
+                           f'fill="{color}" fill-opacity="0.55"/>')
+        ly = height - 30 + 15 * k
+        out.append(f'<rect x="{L + 4}" y="{ly - 9}" width="10" height="10" fill="{color}" fill-opacity="0.55"/>'
+                   f'<text x="{L + 18}" y="{ly}">{esc(names[k][:80])}</text>')
+    thr = hist.get("threshold")
+    if thr is not None and x0 <= thr <= x1:
+        out.append(f'<line id="{esc(css_id or "hist")}-threshold" x1="{sx(thr):.1f}" x2="{sx(thr):.1f}" y1="{T}" '
+                   f'y2="{T + ph}" stroke="#222" stroke-dasharray="5,3"/><text x="{sx(thr) + 4:.1f}" y="{T + 12}">'
+                   f'threshold {thr:.3f}: unknown above</text>')
+    out.append(f'<text x="{L + pw / 2}" y="{T + ph + 30}" text-anchor="middle">novelty (share of each set per bin)</text>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+def novelty_html(nov: dict | None, *, evaluation: bool = False) -> list[str]:
+    """The "unknown" section: the novelty threshold and what it rejects, inside and outside
+    photos (a run's report["novelty"], or an evaluation's m["open_set"])."""
+    if not nov:
+        return []
+    body = ['<h2 id="novelty">Unknown: photos of none of the classes</h2>']
+    if nov.get("off"):
+        return body + [f'<p class="sub">Off ({esc(nov["off"])}): the model has no novelty output.</p>']
+    if evaluation:
+        ins, out = nov.get("inside") or {}, nov.get("outside")
+        cards = [("answered unknown (these photos)", _pct(ins.get("rejected"))),
+                 ("open-set accuracy (these photos)", _pct(ins.get("open_set_accuracy")))]
+        if out:
+            cards += [("answered unknown (outside photos)", _pct(out.get("rejected"))),
+                      ("AUROC", "n/a" if nov.get("auroc") is None else f"{nov['auroc']:.3f}"),
+                      ("outside photos", out.get("n", 0))]
+        body.append(f'<p class="sub">Score: {esc(nov.get("score"))}; novelty threshold '
+                    f'{esc(nov.get("novelty_threshold"))}.</p>')
+    else:
+        t = nov.get("test") or {}
+        h = nov.get("held_out_classes") or {}
+        thr = nov.get("threshold")
+        cards = [("novelty threshold", "none" if thr is None else f"{thr:.4f}"),
+                 ("coverage asked", _pct(nov.get("coverage"))),
+                 ("test photos answered unknown", _pct(t.get("rejected"))),
+                 ("held-out class: AUROC (mean)", "n/a" if h.get("mean_auroc") is None else f"{h['mean_auroc']:.3f}"),
+                 ("held-out class: rejected (mean)", _pct(h.get("mean_rejected")))]
+        body.append(f'<p class="sub">{esc(nov.get("description", ""))}. The threshold keeps '
+                    f'{_pct(nov.get("coverage"))} of in-distribution photos ({esc(nov.get("threshold_fitted_on", ""))})'
+                    + (f'; {esc(nov["why_no_threshold"])}' if nov.get("why_no_threshold") else "") + '.</p>')
+    body.append('<div class="cards" id="novelty-cards">' + "".join(
+        f'<div class="card"><b>{esc(v)}</b><span>{esc(k)}</span></div>' for k, v in cards) + "</div>")
+    if nov.get("histogram"):
+        body.append('<div class="row">' + svg_histogram(nov["histogram"], title="novelty: inside and outside photos",
+                                                        css_id="chart-novelty") + "</div>")
+    rows = (nov.get("held_out_classes") or {}).get("classes") or []
+    if rows and not evaluation:
+        body.append('<p class="sub">Open-set protocol: each class in turn is left out of the references and the '
+                    'threshold, as if the model had never seen it; its photos are then the outside photos, the '
+                    'other classes\' test photos the inside ones.</p>')
+        cells = "".join(
+            f'<tr><td class="l">{esc(r["class"])}</td><td>{r["n_outside"]}</td>'
+            f'<td>{"n/a" if r["auroc"] is None else format(r["auroc"], ".3f")}</td><td>{_pct(r["rejected"])}</td>'
+            f'<td>{_pct(r["inside_rejected"])}</td></tr>' for r in rows)
+        body.append('<table id="novelty-held-out"><tr><th class="l">class left out</th><th>its photos</th>'
+                    '<th>AUROC</th><th>rejected</th><th>inside rejected</th></tr>' + cells + '</table>')
+    ex = nov.get("examples")
+    if ex and not evaluation:
+        body.append(f'<p class="sub" id="novelty-examples">--unknown-examples: {ex.get("n", 0)} photos of no class '
+                    f'({esc(ex.get("folder", ""))}) moved the threshold from {esc(ex.get("threshold_before"))} to '
+                    f'{esc(ex.get("threshold"))}: they are rejected {_pct(ex.get("examples_rejected_before"))} -> '
+                    f'{_pct(ex.get("examples_rejected"))} (they chose it: not a test); train + validation kept '
+                    f'{_pct(ex.get("inside_kept"))}.</p>')
+    return body
+
+
 def run_html(report: dict) -> str:
     """The page for a run's report dict (see retrain.fit.fit)."""
     metrics = report.get("metrics", {})
@@ -366,6 +468,7 @@ def run_html(report: dict) -> str:
     shown, what = (te, "test") if te.get("n") else (va, "validation")
     if shown.get("n"):
         body += _results_sections(shown, root, what)
+    body += novelty_html(report.get("novelty"))
     body += label_issues_html(report.get("label_issues"), root)
 
     body.append('<h2 id="classes">Images per class</h2>')
@@ -417,6 +520,7 @@ def eval_html(m: dict) -> str:
         support = {c: r["support"] for c, r in m["per_class"].items()}
         body.append('<h2 id="classes">Images per class</h2>')
         body.append(svg_bar_chart(support, title="images per class", css_id="chart-classes"))
+    body += novelty_html(m.get("open_set"), evaluation=True)
     body += _skipped_section(m.get("skipped") or [], root)
     mp = Path(str(m.get("model", "model")))
     title = f"retrain evaluation: {mp.parent.name if mp.name == 'model.onnx' and mp.parent.name else mp.name}"

@@ -32,12 +32,18 @@ def test_fingerprint_changes_with_preprocessing():
     assert dataclasses.replace(bb, mean=0.0).fingerprint() != bb.fingerprint()
 
 
-def test_exported_features_are_cached_with_provenance():
+@pytest.mark.slow
+def test_exported_features_are_cached_with_provenance(tmp_path, monkeypatch):
+    """A real export into an empty cache (the test session keeps exported graphs between
+    sessions, so without its own cache this would find one already there)."""
+    monkeypatch.setenv("RETRAIN_CACHE", str(tmp_path))
     bb = get_backbone("efficientnet_lite0")
     p = features_onnx(bb)
+    assert p.parent == tmp_path / "backbones"
     assert p.is_file() and bb.fingerprint() in p.name
     assert '"parity_max_abs_diff"' in p.with_suffix(".json").read_text()
-    assert features_onnx(bb) == p  # second call: no re-export
+    made = p.stat().st_mtime_ns
+    assert features_onnx(bb) == p and p.stat().st_mtime_ns == made  # second call: no re-export
 
 
 @pytest.fixture()

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import make_image, run_cli
+from conftest import make_image, run_cli, with_metadata
 from retrain import calibrate
 from retrain.errors import ConfigError
 
@@ -82,20 +82,24 @@ def test_fit_calibrates_and_label_answers_unknown(tmp_path):
         pytest.skip("no threshold reached 0.95 on this tiny validation split")
     assert meta["unknown_threshold"] == pytest.approx(cal["unknown_threshold"])
     assert "Unknown threshold" in p.stderr
-    # A flat grey picture looks like none of the classes: its top score falls under the threshold
-    # as soon as the threshold is above the score it gets.
-    grey = tmp_path / "grey.png"
+    # The photos it was trained on are answered with their class: the threshold was chosen so that
+    # (nearly) all of their held-out predictions are accepted.
+    answers = json.loads(run_cli("label", out, data, "--json", "--top-k", "1").stdout)
+    assert len(answers) == 36
+    assert sum(r["label"] == r["path"].split("/")[-2] for r in answers) >= 34, answers
+    # A flat grey picture looks like none of the classes. The same model with the threshold moved
+    # just above its top score answers "unknown"; moved below it, the top label.
     from PIL import Image
 
+    grey = tmp_path / "grey.png"
     Image.new("RGB", (64, 64), (128, 128, 128)).save(grey)
-    res = json.loads(run_cli("label", out, grey, "--json").stdout)[0]
-    top = res["predictions"][0]["score"]
-    assert res["label"] == ("unknown" if top < meta["unknown_threshold"] else res["predictions"][0]["label"])
-    # A training-like picture is answered with its class.
-    red = make_image(tmp_path / "red.jpg", 0, 99)
-    res = json.loads(run_cli("label", out, red, "--json").stdout)[0]
-    assert res["label"] in ("circle", "unknown")
-    assert res["predictions"][0]["label"] == "circle"
+    top = json.loads(run_cli("label", out, grey, "--json").stdout)[0]["predictions"][0]
+    assert top["score"] < 0.99, top
+    for threshold, expected in (((top["score"] + 1) / 2, "unknown"), (top["score"] / 2, top["label"])):
+        moved = with_metadata(out, tmp_path / "moved.onnx", unknown_threshold=threshold,
+                              novelty_threshold=None)  # the top-score threshold alone (grey is novel)
+        res = json.loads(run_cli("label", moved, grey, "--json").stdout)[0]
+        assert res["label"] == expected and res["predictions"][0] == top, (threshold, res)
 
 
 def test_bad_unknown_precision_is_one_line(tiny_dataset, tmp_path):

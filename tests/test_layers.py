@@ -10,9 +10,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "retrain"
 LAYERS = [
     {"retrain", "errors", "files", "progress", "interrupt"},
     {"config", "images", "runtime", "head", "split", "run"},
-    {"augment", "scan", "calibrate", "pipeline", "backbones", "summaries", "quantize"},
-    {"cache", "bottlenecks", "finetune", "model", "classifier"},
-    {"check", "evaluate", "label", "report", "bench"},
+    {"augment", "scan", "calibrate", "pipeline", "backbones", "summaries", "quantize", "mislabels",
+     "novelty"},
+    {"cache", "bottlenecks", "finetune", "model", "classifier", "store", "distributed", "streamfit"},
+    {"check", "evaluate", "label", "report", "bench", "embed"},
     {"export", "compare", "fit", "serve"},
     {"cli", "__main__"},
 ]

@@ -141,7 +141,7 @@ def test_plain_onnxruntime_with_metadata_classifies_unseen_photos(flowers_run):
     labels = json.loads(meta["labels"])
     assert labels == ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
     assert [i.name for i in sess.get_inputs()] == ["input"]
-    assert [o.name for o in sess.get_outputs()] == ["final_result"]
+    assert [o.name for o in sess.get_outputs()] == ["final_result", "novelty"]  # probabilities first
     assert sess.get_inputs()[0].shape[1:] == [3, 224, 224]
     for key in ("architecture", "mean", "std", "input_size", "metrics", "retrain_version"):
         assert key in meta
@@ -168,7 +168,7 @@ def test_report_records_config_split_metrics_timings(flowers_run):
     r = json.loads((flowers_run / "report.json").read_text())
     assert r["config"]["architecture"] == "efficientnet_lite0"
     assert sum(r["split_counts"].values()) == 60
-    assert set(r["metrics"]) == {"train", "validation", "test"}
+    assert {"train", "validation", "test"} <= set(r["metrics"])  # (+ cross_validation for small data)
     assert r["timings"]["total_s"] > 0 and r["export_parity_max_abs_diff"] < 2e-3
     split = json.loads((flowers_run / "split.json").read_text())
     assert all((EXAMPLES / f).is_file() for f in split["files"]["test"])

@@ -140,7 +140,9 @@ def test_take_a_photo_with_the_camera(browser, server):
     page.click("#camera-shoot")
     page.wait_for_selector("body[data-state=done]", state="attached", timeout=30_000)
     labels = httpx.get(f"{server.url}/v1/model").json()["labels"]
-    assert page.text_content("#label") in labels
+    # Chromium's fake camera films a test pattern, no flower: it may well be "unknown" (novelty),
+    # with the best five labels still shown as bars
+    assert page.text_content("#label") in labels + ["unknown"]
     assert len(page.query_selector_all("#bars li")) == 5
     page.click("#camera-stop")
     assert page.is_hidden("#video")

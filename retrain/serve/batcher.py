@@ -58,7 +58,8 @@ class MicroBatcher:
         self._pool.shutdown(wait=False)
 
     async def classify(self, image, tta: bool):
-        """uint8 (H, W, 3) -> (probabilities (K,), size of the batch it ran in)."""
+        """uint8 (H, W, 3) -> (probabilities (K,), novelty (a float, or None for a model without a
+        novelty output), size of the batch it ran in)."""
         fut = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((image, bool(tta), fut))
         return await fut
@@ -86,7 +87,7 @@ class MicroBatcher:
     def _predict(self, x, tta: bool):
         clf = self._free.get()  # never waits: there is one per worker thread
         try:
-            return clf.predict(x, tta=tta)
+            return clf.predict_with_novelty(x, tta=tta)
         finally:
             self._free.put(clf)
 
@@ -102,7 +103,7 @@ class MicroBatcher:
                     continue
                 x = np.stack([b[0] for b in group])  # (N, H, W, 3) uint8
                 try:
-                    probs = await loop.run_in_executor(self._pool, self._predict, x, tta)
+                    probs, novelty = await loop.run_in_executor(self._pool, self._predict, x, tta)
                 except Exception as e:  # noqa: BLE001 - handed to every waiting request
                     for _, _, fut in group:
                         if not fut.done():
@@ -110,8 +111,8 @@ class MicroBatcher:
                     continue
                 self.batches += 1
                 self.images += len(group)
-                for (_, _, fut), p in zip(group, probs):
+                for j, ((_, _, fut), p) in enumerate(zip(group, probs)):
                     if not fut.done():
-                        fut.set_result((p, len(group)))
+                        fut.set_result((p, None if novelty is None else float(novelty[j]), len(group)))
         finally:
             self._slots.release()

@@ -47,11 +47,17 @@ def response_schemas() -> dict:
             "properties": {"label": {"type": "string"}, "score": {"type": "number"}}}
     err = {"type": "object", "required": ["code", "message"],
            "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}
-    result = {"type": "object", "required": ["model_id", "label", "predictions", "time_ms"],
+    result = {"type": "object", "required": ["model_id", "label", "predictions", "novelty", "unknown", "time_ms"],
               "properties": {"filename": {"type": "string"}, "model_id": {"type": "string"},
-                             "label": {"type": "string", "description": "top label, or 'unknown' "
-                                       "below the model's unknown_threshold"},
-                             "predictions": {"type": "array", "items": pred},
+                             "label": {"type": "string", "description": "top label, or 'unknown' when "
+                                       "the novelty is above the model's novelty_threshold or the top score "
+                                       "below its unknown_threshold"},
+                             "predictions": {"type": "array", "items": pred, "description": "the best "
+                                             "classes and their scores, also when the label is 'unknown'"},
+                             "novelty": {"type": ["number", "null"], "description": "how unlike the "
+                                         "training photos the image is (the model's novelty output; null "
+                                         "for a model without one)"},
+                             "unknown": {"type": "boolean", "description": "whether the label is 'unknown'"},
                              "batch_size": {"type": "integer", "description": "images in the model call "
                                             "this one shared (micro-batching)"},
                              "time_ms": {"type": "object", "additionalProperties": {"type": "number"}}}}

@@ -144,16 +144,12 @@ class Service:
             raise decoder_error(e, name) from None
 
     async def infer(self, image, name: str | None, tta: bool, k: int, t0: float, t1: float) -> dict:
-        """A decoded image -> its result: top-k labels, the model's id, the batch size, timings."""
+        """A decoded image -> its result: top-k labels (or "unknown", Classifier.answer), the novelty,
+        the model's id, the batch size, timings."""
         clf = self.clf
-        probs, batch_size = await self.batcher.classify(image, tta)
+        probs, novelty, batch_size = await self.batcher.classify(image, tta)
         t2 = time.perf_counter()
-        preds = clf.top_k(probs, k)
-        best = preds[0]["label"]
-        thr = clf.unknown_threshold
-        if thr is not None and preds[0]["score"] < float(thr):
-            best = "unknown"
-        out = {"model_id": self.model_id, "label": best, "predictions": preds}
+        out = {"model_id": self.model_id, **clf.answer(probs, novelty, k)}
         if name is not None:
             out = {"filename": name, **out}
         out["batch_size"] = batch_size
