@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install bench clean
+.PHONY: demo test test-slow install bench clean
 
 $(BIN)/retrain: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -20,8 +20,13 @@ demo: install
 	$(BIN)/retrain fit examples/flowers --output runs/demo
 	$(BIN)/retrain label runs/demo examples/unseen/daisy/10555815624_dc211569b0.jpg examples/unseen/roses/12240303_80d87f77a3_n.jpg
 
+# The everyday suite (a few minutes); `make test-slow` runs the slow tests (fine-tuning, the
+# flowers, the Ray cluster, load tests), which CI runs too (.ci/run).
 test: install
-	$(BIN)/python -m pytest -q -m "not gpu" tests
+	$(BIN)/python -m pytest -q -m "not gpu and not slow" tests
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m "slow and not gpu" tests
 
 bench: install
 	$(BIN)/python benchmarks/bench_fit.py

@@ -41,7 +41,8 @@ def export_lite0_classifier(path: Path) -> Path:
     import onnx
     import torch
 
-    from retrain.backbones import build_torch, get_backbone
+    from retrain.architectures import get_backbone
+    from retrain.features import build_torch
 
     net = build_torch(get_backbone("efficientnet_lite0"))
     with warnings.catch_warnings(), torch.no_grad():
@@ -61,7 +62,7 @@ def interleaved(specs, res, *, rounds: int = 5, batch: int = 8) -> None:
     """Backbone-only images/s on the 40 calibration photos (decoded beforehand), the backbones
     taking turns, best of `rounds` each: on a shared machine a slow spell hits all of them."""
     from retrain import images
-    from retrain.backbones import calibration_files, get_backbone
+    from retrain.architectures import calibration_files, get_backbone
     from retrain.bottlenecks import feature_session
 
     jobs = []
@@ -100,7 +101,8 @@ def main():
     if not args.data.is_dir():
         raise SystemExit(f"no data at {args.data}")
 
-    from retrain.backbones import backbone_rows, get_backbone, record_speed
+    from retrain.architectures import get_backbone
+    from retrain.backbones import backbone_rows, record_speed
     from retrain.bottlenecks import choose_precision, extract, feature_session
     from retrain.cache import BottleneckCache
     from retrain.head import train_lbfgs

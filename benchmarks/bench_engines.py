@@ -40,7 +40,7 @@ def main():
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args()
     from retrain import images
-    from retrain.backbones import get_backbone
+    from retrain.architectures import get_backbone
     from retrain.bottlenecks import choose_precision, feature_session
 
     bb = get_backbone("efficientnet_lite0")
@@ -81,7 +81,7 @@ def main():
         import openvino as ov
         from openvino.preprocess import PrePostProcessor
 
-        from retrain.backbones import features_onnx
+        from retrain.features import features_onnx
 
         core = ov.Core()
         for name, raw in (("uint8 input", True), ("float NCHW input (normalised in numpy, not counted)", False)):

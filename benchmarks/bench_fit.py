@@ -41,7 +41,7 @@ def pick(data: Path, n: int) -> list[Path]:
 
 
 def bench_retrain(files, tmp, precision="fp32", tag=""):
-    from retrain.backbones import get_backbone
+    from retrain.architectures import get_backbone
     from retrain.bottlenecks import choose_precision, extract, feature_session
     from retrain.cache import BottleneckCache
     from retrain.scan import ImageItem, digest_file
@@ -60,7 +60,8 @@ def bench_torch(files):
     import torch
 
     from retrain import images
-    from retrain.backbones import build_torch, feature_module, get_backbone
+    from retrain.architectures import get_backbone
+    from retrain.features import build_torch, feature_module
 
     torch.set_num_threads(os.cpu_count())
     bb = get_backbone("efficientnet_lite0")
@@ -130,7 +131,8 @@ def keras_whole_process(data: Path) -> tuple[float, int] | None:
 
 
 def command_targets(data: Path, tmp: Path, rounds: int = 1) -> dict:
-    from retrain.backbones import features_onnx, get_backbone
+    from retrain.architectures import get_backbone
+    from retrain.features import features_onnx
 
     features_onnx(get_backbone("efficientnet_lite0"))  # one-time export, not part of a "cold" fit
     cache = tmp / "cli-cache"

@@ -28,7 +28,7 @@ def main():
     ap.add_argument("--data", type=Path, default=FLOWERS)
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args()
-    from retrain.backbones import get_backbone
+    from retrain.architectures import get_backbone
     from retrain.bottlenecks import choose_precision, extract, feature_session
     from retrain.cache import BottleneckCache
     from retrain.scan import scan

@@ -32,7 +32,7 @@ def make_store(root: Path, rows: int, *, classes: int = 5, seed: int = 0, file_r
     pooled ReLU features are), written file by file, row group by row group."""
     import pyarrow.parquet as pq
 
-    from retrain.backbones import get_backbone
+    from retrain.architectures import get_backbone
     from retrain.store import ROW_GROUP_ROWS, WRITE_OPTIONS, FeatureStore, rows_table, schema
 
     bb = get_backbone("efficientnet_lite0")

@@ -14,10 +14,11 @@ import time
 import numpy as np
 
 from retrain import images
-from retrain.backbones import Backbone
+from retrain.architectures import Backbone
 from retrain.cache import BottleneckCache, key_of, missing
 from retrain.errors import ConfigError, MissingDependency
 from retrain.pipeline import run_pipeline
+from retrain.progress import Log
 
 _SESSIONS: dict = {}
 _SESSIONS_LOCK = threading.Lock()
@@ -58,7 +59,7 @@ def feature_session(backbone: Backbone, *, provider: str = "auto", precision: st
     """The (process-wide) engine of a backbone's feature extractor, a callable on batches (see
     retrain.pipeline): ONNX Runtime for fp32 and int8, OpenVINO for bf16 (it takes uint8 pixels
     and is compiled for batches of `batch`; see retrain.runtime.OpenVINOSession)."""
-    from retrain.backbones import features_onnx
+    from retrain.features import features_onnx
     from retrain.runtime import OnnxEngine, make_session, openvino_session
 
     key = (backbone.name, provider, precision, batch if precision == "bf16" else None)
@@ -146,3 +147,28 @@ def extract_views(items, views: int, distortions, backbone: Backbone, cache: Bot
         cache, batch_size=batch_size, workers=workers, mean=backbone.mean, std=backbone.std,
         desc="Distorted views", quiet=quiet)
     return feats.reshape(len(items), views, backbone.feature_dim), timing
+
+
+def plan_backbone(cfg, precision: str, *, log=None) -> tuple[Backbone, str]:
+    """The backbone `retrain fit` uses (cfg.architecture and the --input_* / --bottleneck-tensor
+    flags) and the bottleneck precision it can run: bf16 or int8 where the backbone compiles or
+    quantizes, else fp32 with one line saying why. --fine-tune on a backbone it cannot split is
+    a ConfigError."""
+    log = log or Log.silent()
+    from retrain.architectures import get_backbone
+
+    bb = get_backbone(cfg.architecture, tensor=getattr(cfg, "bottleneck_tensor", None),
+                      mean=getattr(cfg, "input_mean", None), std=getattr(cfg, "input_std", None),
+                      height=getattr(cfg, "input_height", None), width=getattr(cfg, "input_width", None),
+                      log=log, quiet=cfg.quiet)
+    if cfg.fine_tune and not bb.can_fine_tune:
+        raise bb.fine_tune_error()
+    if bb.kind == "torch" or precision == "fp32":
+        return bb, precision
+    try:
+        feature_session(bb, provider=cfg.provider, precision=precision, batch=cfg.batch_size, log=log)
+    except Exception as e:  # noqa: BLE001 - OpenVINO or the quantizer on a graph it cannot handle
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        log(f"note: {precision} bottlenecks are not available for {bb.name} ({msg}); computing them in fp32")
+        return bb, "fp32"
+    return bb, precision

@@ -37,7 +37,7 @@ from retrain.errors import ConfigError
 from retrain.files import cache_root
 
 if TYPE_CHECKING:
-    from retrain.backbones import Backbone
+    from retrain.architectures import Backbone
 
 CACHE_SCHEMA = 1
 COMPACT_OVER = 16  # shards

@@ -332,7 +332,7 @@ def label_issues(s, *, architecture: str | None = None, cache_dir=None, precisio
     """Mislabelled-photo suspects of a scan (retrain.mislabels.find_label_issues) on the
     bottlenecks, read from the cache that `retrain fit` fills (computed now where missing)."""
     from retrain import mislabels
-    from retrain.backbones import get_backbone
+    from retrain.architectures import get_backbone
     from retrain.bottlenecks import choose_precision, extract
     from retrain.cache import BottleneckCache, default_cache_dir
     from retrain.config import FitConfig
@@ -493,7 +493,7 @@ def main(args) -> int:
         raise ConfigError("--move-to moves the photos that --labels finds: add --labels")
     labels = None
     if args.labels:
-        from retrain.backbones import get_backbone
+        from retrain.architectures import get_backbone
         from retrain.bottlenecks import choose_precision
         from retrain.mislabels import check_review_folder, require
 

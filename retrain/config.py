@@ -10,6 +10,9 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from retrain.errors import ConfigError, did_you_mean
 
+MEAN_RANGE = (-1e4, 1e4)  # as for --input_mean
+STD_RANGE = (1e-6, 1e4)  # as for --input_std
+
 
 def opt(default, help: str, *aliases: str, choices=None, metavar=None, range=None):
     """A setting: default, one-line help, codelab aliases, allowed `choices` or numeric `range`

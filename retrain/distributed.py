@@ -83,7 +83,8 @@ class Embedder:
     store's rows (pyarrow), with an error instead of features for a photo that cannot be read."""
 
     def __init__(self, architecture: str, precision: str, dtype: str, root: str, batch: int, cpus: float):
-        from retrain.backbones import features_onnx, get_backbone
+        from retrain.architectures import get_backbone
+        from retrain.features import features_onnx
         from retrain.runtime import OnnxEngine, make_session, openvino_session
 
         self.bb = get_backbone(architecture)
@@ -127,7 +128,7 @@ def embed_ray(image_dir, out, *, address: str, architecture: str = "efficientnet
               rows_per_file: int = ROWS_PER_FILE, quiet: bool = True, log=None) -> dict:
     """`retrain embed --ray`: the rows missing from the store computed on the cluster at `address`.
     Returns the same dict as retrain.embed.embed."""
-    from retrain.backbones import get_backbone
+    from retrain.architectures import get_backbone
     from retrain.bottlenecks import choose_precision
     from retrain.progress import Log
     from retrain.store import WRITE_OPTIONS, FeatureStore
@@ -188,24 +189,27 @@ def preds_schema():
 
     pred = pa.struct([("label", pa.string()), ("score", pa.float32())])
     return pa.schema([("path", pa.string()), ("label", pa.string()), ("score", pa.float32()),
-                      ("unknown", pa.bool_()), ("top_k", pa.list_(pred)), ("error", pa.string())])
+                      ("novelty", pa.float32()), ("unknown", pa.bool_()), ("top_k", pa.list_(pred)),
+                      ("error", pa.string())])
 
 
 def preds_table(paths, results):
-    """classify()'s results as rows: path, label, top score, unknown (under the model's threshold),
-    top-k, error (null where the photo was read)."""
+    """classify()'s results as rows: path, label, top score, novelty (null for a model without
+    it), unknown (the model's novelty or score threshold), top-k, error (null where read)."""
     import pyarrow as pa
 
-    rows = {"path": [], "label": [], "score": [], "unknown": [], "top_k": [], "error": []}
+    rows = {"path": [], "label": [], "score": [], "novelty": [], "unknown": [], "top_k": [], "error": []}
     for p, r in zip(paths, results):
         rows["path"].append(p)
         if "error" in r:
-            for k, v in (("label", None), ("score", None), ("unknown", None), ("top_k", None), ("error", r["error"])):
+            for k, v in (("label", None), ("score", None), ("novelty", None), ("unknown", None), ("top_k", None),
+                         ("error", r["error"])):
                 rows[k].append(v)
             continue
         rows["label"].append(r["label"])
         rows["score"].append(r["predictions"][0]["score"])
-        rows["unknown"].append(r["label"] == "unknown")
+        rows["novelty"].append(r.get("novelty"))
+        rows["unknown"].append(bool(r.get("unknown", r["label"] == "unknown")))
         rows["top_k"].append(r["predictions"])
         rows["error"].append(None)
     return pa.Table.from_pydict(rows, schema=preds_schema())

@@ -22,7 +22,7 @@ def embed(image_dir, out, *, architecture: str = "efficientnet_lite0", precision
           quiet: bool = True, log=None, rows_per_file: int | None = None) -> dict:
     """Bottlenecks of every photo in `image_dir` (class subfolders) into the store at `out`, in
     this process. Returns {"store", "photos", "computed", "already", "errors", "seconds", ...}."""
-    from retrain.backbones import get_backbone
+    from retrain.architectures import get_backbone
     from retrain.bottlenecks import choose_precision, feature_session
     from retrain.pipeline import run_pipeline
     from retrain.progress import in_background

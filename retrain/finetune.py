@@ -126,7 +126,7 @@ def make_tail(model, start: int):
 
 def prefix_onnx(bb, start: int, *, log=None) -> Path:
     """The frozen prefix exported to ONNX once (cached; checked against PyTorch)."""
-    from retrain.backbones import build_torch, export_checked
+    from retrain.features import build_torch, export_checked
     from retrain.files import cache_root
 
     out = cache_root() / "backbones" / f"{bb.name}-{bb.fingerprint()}-prefix{start}.onnx"
@@ -139,7 +139,7 @@ def prefix_onnx(bb, start: int, *, log=None) -> Path:
 
 def activation_shape(bb, start: int) -> tuple[int, int, int]:
     torch = _torch()
-    from retrain.backbones import build_torch
+    from retrain.features import build_torch
 
     with torch.no_grad():
         a = make_prefix(build_torch(bb), start)(torch.zeros(1, 3, bb.image_size, bb.image_size))
@@ -232,7 +232,7 @@ def fine_tune(cfg, bb, items, y, parts, *, W0, b0, views=0, distortions=None, ca
     if not getattr(bb, "can_fine_tune", True):
         raise bb.fine_tune_error()  # a foreign ONNX backbone: head-only
     torch = _torch()
-    from retrain.backbones import build_torch
+    from retrain.features import build_torch
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -515,7 +515,7 @@ def pooled_features(net: Trainable, centre: np.ndarray, shape, dim: int) -> np.n
 
 def fine_tuned_features_onnx(bb, result: FineTuneResult, path: Path) -> None:
     """The whole backbone with the fine-tuned tail, exported (N,3,H,W) -> (N,C) to `path`."""
-    from retrain.backbones import build_torch, export_onnx, feature_module
+    from retrain.features import build_torch, export_onnx, feature_module
 
     model = build_torch(bb)
     tail = make_tail(model, result.start)

@@ -28,7 +28,7 @@ class Plan:
 
     cfg: FitConfig
     out: Path  # the run folder to write (absolute)
-    backbone: object  # retrain.backbones.Backbone
+    backbone: object  # retrain.architectures.Backbone
     precision: str  # bottleneck precision: fp32, bf16 or int8
     optimizer: str  # lbfgs or sgd
     distortions: object  # retrain.augment.Distortions
@@ -85,9 +85,13 @@ def fit(cfg: FitConfig, *, log=None) -> dict:
             head = refit_final_layer(plan, data, train_info, log)
         metrics = score(head, data, calibration["temperature"], selection=selection)
     train_info["regime"] = regime
+    # Mislabelled photos (out-of-fold heads on the final features) on the other core, while the
+    # novelty score is fitted and the model is written and verified.
+    labels = in_background(check_labels, data, train_info.get("l2"), cfg.seed, log)
     novelty = fit_novelty(plan, data, ft, log)
     report = write_run(plan, data, head, ft, train_info=train_info, history=history, calibration=calibration,
-                       metrics=metrics, check=check, t_start=t_start, log=log, novelty=novelty)
+                       metrics=metrics, check=check, t_start=t_start, log=log, novelty=novelty,
+                       label_check=labels)
     copy_codelab_outputs(plan)
     return report
 
@@ -97,7 +101,7 @@ def fit(cfg: FitConfig, *, log=None) -> dict:
 def plan_fit(cfg: FitConfig, log=None) -> Plan:
     """Check the flags and where the run goes; settle precision, backbone and optimizer."""
     from retrain import augment
-    from retrain.backbones import plan_backbone
+    from retrain.bottlenecks import plan_backbone
     from retrain.bottlenecks import choose_precision
 
     validate_config(cfg)
@@ -392,7 +396,7 @@ def softmax_rows(z: np.ndarray) -> np.ndarray:
 
 
 def write_run(plan: Plan, data: Data, head: Head, ft, *, train_info, history, calibration, metrics, check,
-              t_start, log, novelty=None) -> dict:
+              t_start, log, novelty=None, label_check=None) -> dict:
     """model.onnx (verified against the head), labels, split, report and report.html, written
     beside the destination and swapped in whole (retrain.run)."""
     from retrain.model import write_model
@@ -422,14 +426,12 @@ def write_run(plan: Plan, data: Data, head: Head, ft, *, train_info, history, ca
         run.write_labels(data.labels)
         run.write_split(split_doc(cfg, data))
         data.timings["export_s"] = round(time.perf_counter() - t0, 3)
+        label_issues = label_check.result() if label_check is not None else {"skipped": "not checked"}
         data.timings["total_s"] = round(time.perf_counter() - t_start, 3)
         report = build_report(plan, data, train_info=train_info, history=history, metrics=metrics,
                               calibration=calibration, parity=parity)
         report["novelty"] = novelty.report if novelty is not None else {"off": "--no-unknown"}
-        from retrain.mislabels import for_run  # photos whose folder the out-of-fold heads disagree with
-
-        report["label_issues"] = for_run(data.X, data.y, [it.path for it in data.items], data.labels,
-                                         l2=train_info.get("l2"), seed=cfg.seed, log=log)
+        report["label_issues"] = label_issues
         if cfg.summaries_dir:
             from retrain.summaries import write_summaries  # TensorBoard events
 
@@ -440,6 +442,14 @@ def write_run(plan: Plan, data: Data, head: Head, ft, *, train_info, history, ca
     if ft is not None:
         checkpoint_path(plan.out).unlink(missing_ok=True)  # finished: nothing left to resume
     return report
+
+
+def check_labels(data: Data, l2, seed: int, log) -> dict:
+    """report["label_issues"]: photos whose folder the out-of-fold heads disagree with
+    (retrain.mislabels), or {"skipped": why}."""
+    from retrain.mislabels import for_run
+
+    return for_run(data.X, data.y, [it.path for it in data.items], data.labels, l2=l2, seed=seed, log=log)
 
 
 def fit_novelty(plan: Plan, data: Data, ft, log):
@@ -741,7 +751,7 @@ def main(args) -> int:
 
 
 def _check_sweep(runs: list[FitConfig]) -> None:
-    from retrain.backbones import get_backbone
+    from retrain.architectures import get_backbone
     from retrain.config import config_fields
     from retrain.errors import did_you_mean
 

@@ -23,12 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from retrain import __version__
+from retrain.config import MEAN_RANGE, STD_RANGE
 from retrain.errors import ModelError
 from retrain.run import MODEL as MODEL_FILE
 
 INPUT_SIZES = (16, 4096)  # pixels, as for --input_height / --input_width
-MEAN_RANGE = (-1e4, 1e4)  # as for --input_mean
-STD_RANGE = (1e-6, 1e4)  # as for --input_std
 # The metadata keys retrain writes (model_metadata) and checks on load (validate_metadata).
 METADATA = {
     "retrain_version": "the retrain that wrote the model",
@@ -299,7 +298,7 @@ def write_model(path: Path, backbone, W, b, *, labels, metrics, output_name="fin
             graph = Path(tmp) / "features.onnx"
             fine_tuned_features_onnx(backbone, fine_tuned, graph)
         else:
-            from retrain.backbones import features_onnx
+            from retrain.features import features_onnx
 
             # bf16 bottlenecks come from the fp32 graph run in bf16 (OpenVINO): the model keeps it in fp32.
             kind = "int8" if precision == "int8" else "fp32"

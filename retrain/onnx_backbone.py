@@ -25,7 +25,7 @@ fixed input size, and the ImageNet defaults (224 px, mean 123.675,116.28,103.53,
 method is told so.
 
 The features graph and a JSON description are cached under <cache>/backbones, keyed by the
-file's SHA-256 and everything above (retrain.backbones.Backbone.fingerprint).
+file's SHA-256 and everything above (retrain.architectures.Backbone.fingerprint).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The fast forms of a model: int8 static quantization and float16, as `retrain export` makes them.
 
-(The int8 *backbone* for int8 bottlenecks is made by retrain.backbones.quantize_backbone_int8,
+(The int8 *backbone* for int8 bottlenecks is made by retrain.features.quantize_backbone_int8,
 calibrated on the photos shipped with retrain; this one quantizes a whole trained model,
 calibrated on the run's own training photos.)
 """

@@ -50,7 +50,7 @@ class StoreScan(ScanResult):
 def open_store(plan, log):
     """The store of --features, its backbone checked against this installation's: the model's
     backbone must be the one that computed the features."""
-    from retrain.backbones import get_backbone
+    from retrain.architectures import get_backbone
     from retrain.store import FeatureStore
 
     cfg = plan.cfg
@@ -355,7 +355,7 @@ def train_streamed(plan, data, log):
 def check_inputs(plan, log):
     """Photos for checking the written model against the head without the user's photos: the
     calibration photos shipped with retrain, and their features by the model's own backbone."""
-    from retrain.backbones import calibration_files
+    from retrain.architectures import calibration_files
     from retrain.bottlenecks import feature_session
     from retrain.images import load, normalize
 

@@ -40,7 +40,7 @@ def _graphs(folder: Path) -> list[Path]:
     own ONNX files (those are the tests' business)."""
     import re
 
-    from retrain.backbones import BACKBONES
+    from retrain.architectures import BACKBONES
 
     names = "|".join(map(re.escape, BACKBONES))
     pattern = re.compile(rf"({names})-[0-9a-f]{{16}}(-int8|-prefix\d+)?\.(onnx|json)")

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from retrain.backbones import BACKBONES, download, features_onnx, get_backbone, weights_path
+from retrain.architectures import BACKBONES, download, get_backbone, weights_path
+from retrain.features import features_onnx
 from retrain.files import sha256_file
 from retrain.errors import ConfigError, MissingDependency
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import EXAMPLES, make_dataset, run_cli
-from retrain.backbones import get_backbone
+from retrain.architectures import get_backbone
 from retrain.bottlenecks import choose_precision, extract, feature_session
 from retrain.cache import BottleneckCache
 from retrain.errors import ConfigError
@@ -266,7 +266,7 @@ def test_two_fits_at_once_on_one_cache_keep_all_features(tmp_path):
 # A process that keeps adding features and compacting (a shard vanishes under a concurrent reader).
 COMPACT_LOOP = """
 import sys, time, numpy as np, retrain.cache as b
-from retrain.backbones import get_backbone
+from retrain.architectures import get_backbone
 bb = get_backbone("efficientnet_lite0")
 rng = np.random.default_rng(0)
 deadline = time.monotonic() + float(sys.argv[2])

@@ -110,7 +110,6 @@ def test_bad_unknown_precision_is_one_line(tiny_dataset, tmp_path):
 
 def test_balanced_class_weights_and_per_class_recall(tmp_path):
     """An imbalanced set (12/12/4): --class-weights balanced is used and every report has per-class recall."""
-    from conftest import make_image
 
     root = tmp_path / "images"
     for k, (c, n) in enumerate((("circle", 12), ("stripes", 12), ("squares", 4))):

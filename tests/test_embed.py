@@ -35,7 +35,7 @@ def test_embed_writes_every_photo_once_and_a_rerun_computes_only_new_ones(tmp_pa
 
 
 def test_embed_features_equal_the_bottlenecks_of_fit(tmp_path, tiny_dataset):
-    from retrain.backbones import get_backbone
+    from retrain.architectures import get_backbone
     from retrain.bottlenecks import extract
     from retrain.cache import BottleneckCache
     from retrain.embed import embed

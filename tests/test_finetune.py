@@ -29,7 +29,8 @@ def test_tail_reproduces_the_frozen_backbone():
     """prefix(x) -> tail == the backbone's own features, before any training."""
     import torch
 
-    from retrain.backbones import build_torch, feature_module, get_backbone
+    from retrain.architectures import get_backbone
+    from retrain.features import build_torch, feature_module
     from retrain.finetune import make_prefix, make_tail
 
     bb = get_backbone("efficientnet_lite0")

@@ -9,11 +9,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "retrain"
 # Lowest first. Within a layer imports are allowed, as long as there is no cycle.
 LAYERS = [
     {"retrain", "errors", "files", "progress", "interrupt"},
-    {"config", "images", "runtime", "head", "split", "run"},
-    {"augment", "scan", "calibrate", "pipeline", "backbones", "summaries", "quantize", "mislabels",
+    {"config", "images", "runtime", "head", "split", "run", "zoo", "onnx_backbone", "store"},
+    {"augment", "scan", "calibrate", "pipeline", "architectures", "summaries", "quantize", "mislabels",
      "novelty"},
-    {"cache", "bottlenecks", "finetune", "model", "classifier", "store", "distributed", "streamfit"},
-    {"check", "evaluate", "label", "report", "bench", "embed"},
+    {"features", "cache", "bottlenecks", "finetune", "model", "classifier", "distributed", "streamfit"},
+    {"check", "evaluate", "label", "report", "bench", "embed", "backbones"},
     {"export", "compare", "fit", "serve"},
     {"cli", "__main__"},
 ]

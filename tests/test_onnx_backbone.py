@@ -13,7 +13,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import EXAMPLES, make_dataset, one_error_line, run_cli
-from retrain.backbones import features_onnx, get_backbone
+from retrain.architectures import get_backbone
+from retrain.features import features_onnx
 from retrain.errors import ConfigError, ModelError
 
 # The README's "Using the model without retrain", for a model whose mean/std are one per channel.
@@ -121,7 +122,7 @@ def lite0_classifier(tmp_path_factory):
 
     import torch
 
-    from retrain.backbones import build_torch
+    from retrain.features import build_torch
 
     path = tmp_path_factory.mktemp("lite0cls") / "lite0_classifier.onnx"
     net = build_torch(get_backbone("efficientnet_lite0"))
@@ -268,7 +269,7 @@ def test_fine_tune_is_refused_on_a_foreign_onnx_backbone(tmp_path, nhwc_model):
 
 
 def test_int8_that_cannot_keep_the_features_falls_back_to_fp32_in_one_line(tmp_path, capsys):
-    from retrain.backbones import plan_backbone
+    from retrain.bottlenecks import plan_backbone
     from retrain.config import FitConfig
     from retrain.progress import Log
 

@@ -81,7 +81,8 @@ def _node(args, env, log):
 @pytest.fixture(scope="module")
 def cluster(retrain_cache, tmp_path_factory):
     """(address, env) of a head (127.0.0.2) and a worker node (127.0.0.3), 2 logical CPUs each."""
-    from retrain.backbones import features_onnx, get_backbone
+    from retrain.architectures import get_backbone
+    from retrain.features import features_onnx
 
     features_onnx(get_backbone("efficientnet_lite0"), precision="fp32")  # exported once, here
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RETRAIN_CACHE=str(retrain_cache))

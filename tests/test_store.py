@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import one_error_line, run_cli
-from retrain.backbones import get_backbone
+from retrain.architectures import get_backbone
 from retrain.store import FeatureStore
 
 

@@ -185,7 +185,7 @@ def test_a_zoo_backbone_downloads_then_works_offline(tmp_path, retrain_cache, mo
     cut; the next lookup needs neither the network nor the file."""
     from test_onnx_backbone import tiny_classifier
 
-    from retrain.backbones import get_backbone
+    from retrain.architectures import get_backbone
 
     model = tiny_classifier(tmp_path / "net.onnx", size=32)
     blob = model.read_bytes()
@@ -206,7 +206,7 @@ def test_a_zoo_backbone_downloads_then_works_offline(tmp_path, retrain_cache, mo
 def test_a_url_backbone_is_downloaded_once_and_its_pin_checked(tmp_path, retrain_cache):
     from test_onnx_backbone import tiny_classifier
 
-    from retrain.backbones import get_backbone
+    from retrain.architectures import get_backbone
 
     blob = tiny_classifier(tmp_path / "web.onnx", seed=3).read_bytes()
     srv = Server({"/models/web.onnx": blob})

@@ -1,0 +1,182 @@
+"""A backbone's features graph: (N, 3, H, W) normalised pixels -> (N, C) pooled features, as one
+ONNX file in the user cache, exported once (through torch, for the built-in EfficientNet-Lite)
+and kept only when ONNX Runtime agrees with PyTorch; its int8 form, quantized once.
+The file name carries the backbone's fingerprint, so any change makes a new one.
+torch is imported only here (and in retrain.finetune), and only when a graph is not cached yet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from retrain.architectures import OPSET, PRECISIONS, Backbone, backbone_record, calibration_files, weights_path
+from retrain.errors import ConfigError, MissingDependency, did_you_mean
+from retrain.files import cache_root
+from retrain.progress import Log
+
+
+def build_torch(bb: Backbone):
+    """The PyTorch EfficientNet-Lite with ImageNet weights (loaded with weights_only=True)."""
+    if bb.kind != "torch":
+        raise bb.fine_tune_error()
+    try:
+        import torch
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as e:
+        raise MissingDependency(
+            f"building the {bb.name} backbone needs torch and efficientnet-lite-pytorch ({e}); "
+            "pip install torch==2.13.0 efficientnet-lite-pytorch") from None
+    model = EfficientNet.from_name(bb.model_name)
+    state = torch.load(weights_path(bb), map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def feature_module(model):
+    """Wrap an EfficientNet so that forward(x) gives global-pooled features (N, C)."""
+    import torch
+
+    class Features(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):  # (N, 3, H, W) -> (N, C)
+            return self.net.extract_features(x).mean(dim=(2, 3))
+
+    return Features(model).eval()
+
+
+def export_onnx(module, path: Path, size: int, *, output_name: str = "features") -> None:
+    """Export a torch module (N,3,size,size) -> (N,C) to ONNX with a dynamic batch axis."""
+    import warnings
+
+    import torch
+
+    x = torch.zeros(2, 3, size, size)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (x,), str(path), input_names=["input"], output_names=[output_name],
+                          dynamic_axes={"input": {0: "N"}, output_name: {0: "N"}},
+                          opset_version=OPSET, dynamo=False)
+
+
+def features_onnx(bb: Backbone, *, precision: str = "fp32", log=None) -> Path:
+    """Path of the cached feature-extractor ONNX for `bb`; exported and verified on first use.
+
+    The export is checked against PyTorch on random input (max abs difference < 1e-3) before
+    it is kept. The file name carries the fingerprint, so any change makes a new one.
+    precision "int8": the fp32 graph statically quantized (see quantize_backbone_int8); "bf16": the fp32
+    graph (bf16 is how OpenVINO runs it, not a different file).
+    """
+    log = log or Log.silent()
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}."
+                          f"{did_you_mean(precision, PRECISIONS)}")
+    if precision == "int8":
+        return quantize_backbone_int8(bb, features_onnx(bb, log=log), log=log)
+    out = cache_root() / "backbones" / f"{bb.name}-{bb.fingerprint()}.onnx"
+    if out.is_file():
+        return out
+    if bb.kind != "torch":  # cut again from its source file (the cached graph was removed)
+        from retrain import onnx_backbone as ob
+
+        if not Path(bb.source).is_file():
+            raise MissingDependency(f"the features graph of {bb.name} is no longer cached and its source {bb.source} "
+                                    "is gone: give --architecture the model file again")
+        request = {"tensor": bb.tensor, "mean": bb.mean, "std": bb.std, "height": bb.image_size,
+                   "width": bb.image_size}
+        info = ob.analyse(bb.source, name=bb.name, sha256=bb.sha256, request=request,
+                          table={"crop_fraction": bb.crop}, log=log)
+        ob.save_atomic(info["graph"], out, {**backbone_record(bb), "fingerprint": bb.fingerprint()})
+        return out
+    log(f"Exporting {bb.name} to ONNX once (cached in {out.parent}) ...")
+    export_checked(feature_module(build_torch(bb)), out, bb.image_size, expect=(bb.feature_dim,),
+                   sidecar={**asdict(bb), "fingerprint": bb.fingerprint()})
+    return out
+
+
+def export_checked(module, out: Path, size: int, *, output_name: str = "features", expect=None,
+                   sidecar: dict | None = None) -> None:
+    """Export `module` (N,3,size,size) -> (N, ...) to `out`, kept only if ONNX Runtime agrees with
+    PyTorch on random input (max abs difference < 1e-3) and the output shape is (N, *expect).
+    Written atomically; `sidecar` (plus the parity and torch version) goes to out.json."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".part-", suffix=".onnx")
+    os.close(fd)
+    try:
+        export_onnx(module, Path(tmp), size, output_name=output_name)
+        x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            ref = module(x).numpy()
+        got = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+        diff = float(np.abs(got - ref).max())
+        if got.shape != ref.shape or (expect is not None and got.shape[1:] != tuple(expect)) or diff > 1e-3:
+            raise RuntimeError(f"ONNX export to {out.name} disagrees with PyTorch (max diff {diff:.2e}, "
+                               f"shape {got.shape})")
+        if sidecar is not None:
+            with open(out.with_suffix(".json"), "w") as f:
+                json.dump({**sidecar, "parity_max_abs_diff": diff, "torch": torch.__version__}, f, indent=1)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def quantize_backbone_int8(bb: Backbone, fp32_path: Path, *, log=None) -> Path:
+    """Static int8 quantization (QOperator, per-channel weights, uint8 activations) of the
+    feature extractor, calibrated on the fixed photos shipped in retrain/calibration, so the
+    int8 bottlenecks of an image never depend on which data set came first. Checked against
+    fp32 (mean cosine similarity of features >= 0.98) before it is kept."""
+    out = cache_root() / "backbones" / f"{bb.name}-{bb.fingerprint('int8')}-int8.onnx"
+    if out.is_file():
+        return out
+    log = log or Log.silent()
+    log(f"Quantizing {bb.name} to int8 once (calibrated on {len(calibration_files())} photos) ...")
+    import numpy as np
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from retrain import images
+
+    x = images.normalize(np.stack([images.load(str(p), bb.image_size, bb.crop_fraction)
+                                   for p in calibration_files()]), bb.mean, bb.std)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"input": x[i:i + 8]} for i in range(0, len(x), 8)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmpdir:
+        pre = os.path.join(tmpdir, "pre.onnx")
+        q = os.path.join(tmpdir, "q.onnx")
+        quant_pre_process(str(fp32_path), pre)
+        cwd = os.getcwd()
+        os.chdir(tmpdir)  # the quantizer leaves scratch files in the working folder
+        try:
+            quantize_static(pre, q, Reader(), quant_format=QuantFormat.QOperator, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        finally:
+            os.chdir(cwd)
+        ref = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+        got = ort.InferenceSession(q, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+        cos = float(((ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1) + 1e-12)).mean())
+        if cos < 0.98:
+            raise RuntimeError(f"int8 {bb.name} features disagree with fp32 (mean cosine {cos:.4f})")
+        with open(out.with_suffix(".json"), "w") as f:
+            json.dump({"backbone": bb.name, "precision": "int8", "fingerprint": bb.fingerprint("int8"),
+                       "calibration_photos": len(x), "mean_cosine_vs_fp32": cos,
+                       "onnxruntime": ort.__version__}, f, indent=1)
+        os.replace(q, out)
+    return out
