@@ -31,22 +31,29 @@ from common import FLOWERS, ROOT, append_markdown, machine  # noqa: E402
 def fit_once(code: Path, data: Path, out: Path, cache: Path, backbones: Path) -> tuple[float, float]:
     """(wall seconds, test accuracy) of one `retrain fit` run with the code in `code`."""
     env = dict(os.environ, PYTHONPATH=str(code), RETRAIN_CACHE=str(cache))
-    (cache / "backbones").parent.mkdir(parents=True, exist_ok=True)
+    cache.mkdir(parents=True, exist_ok=True)
     if not (cache / "backbones").exists():
         (cache / "backbones").symlink_to(backbones)
     t0 = time.perf_counter()
+    # cwd: `python -m` puts the working folder first on sys.path, which would shadow PYTHONPATH.
     p = subprocess.run([sys.executable, "-m", "retrain", "fit", str(data), "-o", str(out), "-q",
-                        "--cache-dir", str(cache / "bottlenecks")], capture_output=True, text=True, env=env)
+                        "--cache-dir", str(cache / "bottlenecks")], capture_output=True, text=True, env=env,
+                       cwd=str(cache.parent))
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         raise SystemExit(f"retrain fit failed with {code}:\n{p.stderr[-2000:]}")
     report = json.loads((out / "report.json").read_text())
+    version = subprocess.run([sys.executable, "-c", "import retrain, os; print(os.path.dirname(retrain.__file__))"],
+                             capture_output=True, text=True, env=env, cwd=str(cache.parent)).stdout.strip()
+    if not version.startswith(str(code)):
+        raise SystemExit(f"ran the code in {version}, not {code}")
     return wall, report["metrics"]["test"]["accuracy"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ref", required=True, help="the commit to compare with (e.g. fe91f6e)")
+    ap.add_argument("--new", default=None, help="a second commit in place of this tree")
     ap.add_argument("--data", type=Path, default=FLOWERS)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-append", action="store_true")
@@ -58,6 +65,11 @@ def main() -> None:
         old = tmp / "old"
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old), args.ref],
                        check=True, capture_output=True)
+        new = ROOT
+        if args.new:
+            new = tmp / "new"
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(new), args.new],
+                           check=True, capture_output=True)
         try:
             backbones = tmp / "backbones"
             backbones.mkdir()
@@ -67,7 +79,7 @@ def main() -> None:
             times = {"old": {"cold": [], "warm": []}, "new": {"cold": [], "warm": []}}
             acc = {}
             for r in range(args.rounds):
-                for name, code in (("old", old), ("new", ROOT)) if r % 2 == 0 else (("new", ROOT), ("old", old)):
+                for name, code in (("old", old), ("new", new)) if r % 2 == 0 else (("new", new), ("old", old)):
                     cache = tmp / f"{name}-{r}"
                     for kind in ("cold", "warm"):
                         wall, a = fit_once(code, args.data, cache / "run", cache, backbones)
@@ -76,15 +88,17 @@ def main() -> None:
                         print(f"round {r + 1}: {name} {kind} fit {wall:.2f} s (test accuracy {a:.2%})", flush=True)
                     shutil.rmtree(cache, ignore_errors=True)
         finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], capture_output=True)
+            for wt in (old, tmp / "new"):
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(wt)], capture_output=True)
     med = {n: {k: statistics.median(v) for k, v in d.items()} for n, d in times.items()}
-    lines = [f"`python benchmarks/bench_versions.py --ref {args.ref} --rounds {args.rounds}` on {machine()}, "
-             f"{args.data.name}:", "",
-             "| fit | " + args.ref + " (median) | this tree (median) | new / old |", "|---|---:|---:|---:|"]
+    newname = args.new or "this tree"
+    lines = [f"`python benchmarks/bench_versions.py --ref {args.ref}{' --new ' + args.new if args.new else ''} "
+             f"--rounds {args.rounds}` on {machine()}, {args.data.name}:", "",
+             f"| fit | {args.ref} (median) | {newname} (median) | new / old |", "|---|---:|---:|---:|"]
     for kind in ("cold", "warm"):
         o, n = med["old"][kind], med["new"][kind]
         lines.append(f"| {kind} | {o:.2f} s | {n:.2f} s | {n / o:.3f} |")
-    lines += ["", f"Test accuracy: {args.ref} {acc['old']:.2%}, this tree {acc['new']:.2%}."]
+    lines += ["", f"Test accuracy: {args.ref} {acc['old']:.2%}, {newname} {acc['new']:.2%}."]
     print("\n".join(lines))
     if not args.no_append:
         append_markdown(ROOT / "BENCHMARKS.md", "Before and after (bench_versions.py)", "\n".join(lines))

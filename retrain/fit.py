@@ -87,7 +87,7 @@ def fit(cfg: FitConfig, *, log=None) -> dict:
     train_info["regime"] = regime
     # Mislabelled photos (out-of-fold heads on the final features) on the other core, while the
     # novelty score is fitted and the model is written and verified.
-    labels = in_background(check_labels, data, train_info.get("l2"), cfg.seed, log)
+    labels = None if cfg.no_label_check else in_background(check_labels, data, train_info.get("l2"), cfg.seed, log)
     novelty = fit_novelty(plan, data, ft, log)
     report = write_run(plan, data, head, ft, train_info=train_info, history=history, calibration=calibration,
                        metrics=metrics, check=check, t_start=t_start, log=log, novelty=novelty,
@@ -426,7 +426,7 @@ def write_run(plan: Plan, data: Data, head: Head, ft, *, train_info, history, ca
         run.write_labels(data.labels)
         run.write_split(split_doc(cfg, data))
         data.timings["export_s"] = round(time.perf_counter() - t0, 3)
-        label_issues = label_check.result() if label_check is not None else {"skipped": "not checked"}
+        label_issues = label_check.result() if label_check is not None else {"skipped": "not checked (--no-label-check)"}
         data.timings["total_s"] = round(time.perf_counter() - t_start, 3)
         report = build_report(plan, data, train_info=train_info, history=history, metrics=metrics,
                               calibration=calibration, parity=parity)

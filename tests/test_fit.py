@@ -139,3 +139,14 @@ def test_demo_model_beats_a_fixed_split_on_photos_it_never_saw(tmp_path, shared_
             (held / p.parent.name / p.name).symlink_to(p)
     res = json.loads(run_cli("evaluate", out, held, "--json", "-q").stdout)
     assert res["accuracy"] > 0.75
+
+
+def test_no_label_check_leaves_the_mislabel_list_out(tmp_path):
+    from conftest import make_dataset
+    from retrain.config import FitConfig
+    from retrain.fit import fit
+
+    data = make_dataset(tmp_path / "d", per_class=6)
+    rep = fit(FitConfig(image_dir=str(data), output=str(tmp_path / "run"), quiet=True, no_label_check=True))
+    assert rep["label_issues"] == {"skipped": "not checked (--no-label-check)"}
+    assert "--no-label-check" in (tmp_path / "run" / "report.html").read_text()
