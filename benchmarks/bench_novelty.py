@@ -130,7 +130,7 @@ METHODS = {
 
 def load_flowers(data: Path, tmp: Path):
     from retrain.config import FitConfig
-    from retrain.fit import load_data, plan_fit
+    from retrain.fit_data import load_data, plan_fit
     from retrain.progress import Log
 
     plan = plan_fit(FitConfig(image_dir=str(data), output=str(tmp / "never-written"), quiet=True))

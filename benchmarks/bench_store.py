@@ -33,7 +33,8 @@ def make_store(root: Path, rows: int, *, classes: int = 5, seed: int = 0, file_r
     import pyarrow.parquet as pq
 
     from retrain.architectures import get_backbone
-    from retrain.store import ROW_GROUP_ROWS, WRITE_OPTIONS, FeatureStore, rows_table, schema
+    from retrain.store import ROW_GROUP_ROWS, FeatureStore
+    from retrain.store_format import WRITE_OPTIONS, rows_table, schema
 
     bb = get_backbone("efficientnet_lite0")
     st = FeatureStore.create(root, bb, precision="fp32", dtype="float16")

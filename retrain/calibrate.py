@@ -127,17 +127,23 @@ def calibrate_head(head, X, y, tr, va, te, cfg, *, log=None) -> dict:
             f"{out['ece_validation_before']:.3f} -> {out['ece_validation_after']:.3f}"
             + (f", on test {out['ece_test_before']:.3f} -> {out['ece_test_after']:.3f}" if len(te) else ""))
     if cfg.unknown_precision is not None:
-        u = unknown_threshold(softmax(zva / T), y[va], cfg.unknown_precision)
-        out["unknown"] = u
-        if u["threshold"] is None:
-            log.warn(f"no score threshold reaches precision {cfg.unknown_precision} on validation; "
-                     "the model will not answer 'unknown'")
-        else:
-            out["unknown_threshold"] = round(u["threshold"], 6)
+        u = _unknown_threshold(out, softmax(zva / T), y[va], cfg.unknown_precision, "validation", log)
+        if u["threshold"] is not None:
             out["unknown_test"] = selective_metrics(softmax(zte / T), y[te], u["threshold"])
-            log(f"Unknown threshold {u['threshold']:.4f}: on validation precision {u['precision']:.1%} "
-                f"at coverage {u['coverage']:.1%}")
     return out
+
+
+def _unknown_threshold(out: dict, probs, y, precision: float, where: str, log) -> dict:
+    """--unknown-precision: the score threshold on held-out predictions, recorded in `out`."""
+    u = unknown_threshold(probs, y, precision)
+    out["unknown"] = u
+    if u["threshold"] is None:
+        log.warn(f"no score threshold reaches precision {precision} on {where}; the model will not answer 'unknown'")
+    else:
+        out["unknown_threshold"] = round(u["threshold"], 6)
+        log(f"Unknown threshold {u['threshold']:.4f}: on {where}, precision {u['precision']:.1%} "
+            f"at coverage {u['coverage']:.1%}")
+    return u
 
 
 # Under this many out-of-fold predictions no temperature is fitted (T = 1): measured on 10, 12
@@ -175,13 +181,5 @@ def calibrate_out_of_fold(logits, y, parts: dict, cfg, *, log=None) -> dict:
         log(f"Calibration: temperature {T:.3f} on {n} out-of-fold predictions; expected calibration error "
             f"{out['ece_cross_validation_before']:.3f} -> {out['ece_cross_validation_after']:.3f}")
     if cfg.unknown_precision is not None:
-        u = unknown_threshold(softmax(z / T), y, cfg.unknown_precision)
-        out["unknown"] = u
-        if u["threshold"] is None:
-            log.warn(f"no score threshold reaches precision {cfg.unknown_precision} on the out-of-fold "
-                     "predictions; the model will not answer 'unknown'")
-        else:
-            out["unknown_threshold"] = round(u["threshold"], 6)
-            log(f"Unknown threshold {u['threshold']:.4f}: out of fold, precision {u['precision']:.1%} "
-                f"at coverage {u['coverage']:.1%}")
+        _unknown_threshold(out, softmax(z / T), y, cfg.unknown_precision, "the out-of-fold predictions", log)
     return out

@@ -187,7 +187,8 @@ def text_plot(rows: list[dict], width: int = PLOT_W, height: int = PLOT_H) -> st
 
 
 def compare_html(rows: list[dict]) -> str:
-    from retrain.report import esc, page, svg_line_chart
+    from retrain.charts import esc, svg_line_chart
+    from retrain.report import page
 
     left = ' class="l"'
     head = "".join(f"<th{left if i in LEFT else ''}>{esc(h)}</th>" for i, (_, h, _) in enumerate(COLUMNS))

@@ -104,7 +104,7 @@ class Embedder:
     def __call__(self, batch):
         from retrain import images
         from retrain.pipeline import run_pipeline
-        from retrain.store import digest_bytes, rows_table
+        from retrain.store_format import digest_bytes, rows_table
 
         data, paths = list(batch["bytes"]), [str(p) for p in batch["path"]]
         paths = [p if p.startswith("/") or "://" in p else "/" + p for p in paths]
@@ -131,7 +131,8 @@ def embed_ray(image_dir, out, *, address: str, architecture: str = "efficientnet
     from retrain.architectures import get_backbone
     from retrain.bottlenecks import choose_precision
     from retrain.progress import Log
-    from retrain.store import WRITE_OPTIONS, FeatureStore
+    from retrain.store import FeatureStore
+    from retrain.store_format import WRITE_OPTIONS
 
     log = log or Log.silent()
     t_start = time.perf_counter()
@@ -246,7 +247,7 @@ def _preds_folder(out, model_path, top_k):
     import json
 
     from retrain.files import sha256_file
-    from retrain.store import _read_json, _write_bytes, filesystem
+    from retrain.store_format import filesystem, read_json, write_bytes
 
     fs, path = filesystem(out)
     import pyarrow.fs as pafs
@@ -256,11 +257,11 @@ def _preds_folder(out, model_path, top_k):
         raise ConfigError(f"--out {out} is a file: give a folder for the predictions (Parquet)")
     meta = {"model_sha256": sha256_file(model_path), "top_k": top_k, "format": "retrain-predictions"}
     fs.create_dir(path, recursive=True)
-    old = _read_json(fs, f"{path}/_meta.json")
+    old = read_json(fs, f"{path}/_meta.json")
     if old is None:
         if info.type == pafs.FileType.Directory and fs.get_file_info(pafs.FileSelector(path)):
             raise ConfigError(f"--out {out} is a folder retrain did not write: give a new or empty folder")
-        _write_bytes(fs, f"{path}/_meta.json", json.dumps(meta, indent=1).encode())
+        write_bytes(fs, f"{path}/_meta.json", json.dumps(meta, indent=1).encode())
     elif old != meta:
         raise ConfigError(f"--out {out} holds predictions of another model or --top-k: give another --out")
     done = set()

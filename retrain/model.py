@@ -293,7 +293,7 @@ def write_model(path: Path, backbone, W, b, *, labels, metrics, output_name="fin
     extra = dict(extra_meta or {})
     with tempfile.TemporaryDirectory(dir=Path(path).parent, prefix=".graph-") as tmp:
         if fine_tuned is not None:
-            from retrain.finetune import fine_tuned_features_onnx
+            from retrain.backbone_split import fine_tuned_features_onnx
 
             graph = Path(tmp) / "features.onnx"
             fine_tuned_features_onnx(backbone, fine_tuned, graph)

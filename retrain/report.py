@@ -1,25 +1,21 @@
 """report.html: one self-contained page per run (or evaluation) that a person would rather read.
 
-Everything is inline: charts are SVG drawn here (no matplotlib, no JavaScript, no CDN),
-thumbnails are small JPEG data URIs (at most GALLERY_MAX of them, THUMB_SIDE px), so the file
-opens offline, can be mailed, and stays small. `retrain report RUN` rewrites it from
-RUN/report.json (e.g. after a new version of retrain).
+Everything is inline: charts are SVG drawn by retrain.charts (no matplotlib, no JavaScript,
+no CDN), thumbnails are small JPEG data URIs (retrain.galleries: at most GALLERY_MAX of them,
+THUMB_SIDE px), so the file opens offline, can be mailed, and stays small. `retrain report RUN`
+rewrites it from RUN/report.json (e.g. after a new version of retrain).
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import os
 from pathlib import Path
 
-GALLERY_MAX = 48  # misclassified thumbnails shown (most confident mistakes first)
-THUMB_SIDE = 160  # px, longer side of a gallery thumbnail
+from retrain.charts import esc, svg_bar_chart, svg_histogram, svg_line_chart
+from retrain.galleries import gallery_html, label_issues_html
+
 LIST_MAX = 200  # rows of skipped files / duplicate groups shown
-COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
-          "#7f7f7f", "#bcbd22")
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#222;background:#f6f7f9}
@@ -44,116 +40,8 @@ details{margin:6px 0} summary{cursor:pointer}
 """
 
 
-def esc(x) -> str:
-    return html.escape(str(x), quote=True)
-
-
 def _pct(v) -> str:
     return "n/a" if v is None else f"{v * 100:.1f}%"
-
-
-# ------------------------------------------------------------------------------------ charts
-
-def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    import math
-
-    if hi <= lo:
-        hi = lo + 1
-    raw = (hi - lo) / n
-    mag = 10 ** math.floor(math.log10(raw))
-    step = min((m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw), default=raw)
-    start = math.ceil(lo / step) * step
-    ticks, v = [], start
-    while v <= hi + 1e-9 * step:
-        ticks.append(round(v, 10))
-        v += step
-    return ticks
-
-
-def svg_line_chart(series, *, title: str, xlabel: str = "step", ylabel: str = "", width: int = 520,
-                   height: int = 280, ylim=None, css_id: str | None = None) -> str:
-    """Inline SVG: series = [(name, [(x, y), ...], dashed)] -> one polyline each, with a legend."""
-    pts = [(x, y) for _, xy, _ in series for x, y in xy if y is not None and y == y]
-    if not pts:
-        return f'<p class="sub">{esc(title)}: no data</p>'
-    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-    x0, x1 = min(xs), max(xs)
-    if x1 == x0:
-        x1 = x0 + 1
-    y0, y1 = ylim if ylim else (min(ys), max(ys))
-    if y0 is None:
-        y0 = min(ys)
-    if y1 is None:
-        y1 = max(ys)
-    if y1 == y0:
-        y0, y1 = y0 - 0.5, y1 + 0.5
-    L, R, T, B = 52, 12, 26, 40
-    longest = max(len(name) for name, _, _ in series)
-    lw = min(280, 34 + 7 * longest) if len(series) > 1 else 0  # legend column
-    pw, ph = width - L - R - lw, height - T - B
-
-    def sx(x):
-        return L + (x - x0) / (x1 - x0) * pw
-
-    def sy(y):
-        return T + ph - (min(max(y, y0), y1) - y0) / (y1 - y0) * ph
-
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" role="img" aria-label="{esc(title)}"'
-           + (f' id="{esc(css_id)}"' if css_id else "") + ' style="background:#fff;border:1px solid #e2e4e8">',
-           f'<text x="{L}" y="16" style="font-weight:600;font-size:13px">{esc(title)}</text>']
-    for t in _nice_ticks(y0, y1):
-        out.append(f'<line x1="{L}" x2="{L + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" stroke="#eee"/>'
-                   f'<text x="{L - 6}" y="{sy(t) + 4:.1f}" text-anchor="end">{t:g}</text>')
-    for t in _nice_ticks(x0, x1):
-        out.append(f'<line x1="{sx(t):.1f}" x2="{sx(t):.1f}" y1="{T + ph}" y2="{T + ph + 4}" stroke="#888"/>'
-                   f'<text x="{sx(t):.1f}" y="{T + ph + 16}" text-anchor="middle">{t:g}</text>')
-    out.append(f'<rect x="{L}" y="{T}" width="{pw}" height="{ph}" fill="none" stroke="#bbb"/>')
-    out.append(f'<text x="{L + pw / 2}" y="{height - 6}" text-anchor="middle">{esc(xlabel)}</text>')
-    if ylabel:
-        out.append(f'<text transform="translate(12,{T + ph / 2}) rotate(-90)" '
-                   f'text-anchor="middle">{esc(ylabel)}</text>')
-    for i, (name, xy, dashed) in enumerate(series):
-        c = COLORS[i % len(COLORS)]
-        good = [(x, y) for x, y in xy if y is not None and y == y]
-        if not good:
-            continue
-        d = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in good)
-        dash = ' stroke-dasharray="5,3"' if dashed else ""
-        out.append(f'<polyline class="series" data-name="{esc(name)}" points="{d}" fill="none" stroke="{c}" '
-                   f'stroke-width="1.8"{dash}/>')
-        if len(good) == 1:
-            out.append(f'<circle cx="{sx(good[0][0]):.1f}" cy="{sy(good[0][1]):.1f}" r="3" fill="{c}"/>')
-        if lw:
-            ly = T + 8 + i * 16
-            out.append(f'<line x1="{width - lw}" x2="{width - lw + 18}" y1="{ly}" y2="{ly}" stroke="{c}" '
-                       f'stroke-width="2"{dash}/><text x="{width - lw + 22}" y="{ly + 4}">{esc(name[:36])}</text>')
-    out.append("</svg>")
-    return "".join(out)
-
-
-def svg_bar_chart(counts: dict, *, title: str, width: int = 520, css_id: str | None = None) -> str:
-    """Horizontal bars, one per class, with the count at the end."""
-    if not counts:
-        return ""
-    names = list(counts)
-    top = max(counts.values()) or 1
-    row = 22
-    L = min(200, 12 + 7 * max(len(n) for n in names))
-    height = 30 + row * len(names)
-    pw = width - L - 60
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-           f'aria-label="{esc(title)}"' + (f' id="{esc(css_id)}"' if css_id else "")
-           + ' style="background:#fff;border:1px solid #e2e4e8">',
-           f'<text x="8" y="16" style="font-weight:600;font-size:13px">{esc(title)}</text>']
-    for i, n in enumerate(names):
-        y = 26 + i * row
-        w = pw * counts[n] / top
-        out.append(f'<text x="{L - 6}" y="{y + 13}" text-anchor="end">{esc(n[:28])}</text>'
-                   f'<rect class="bar" x="{L}" y="{y}" width="{w:.1f}" height="{row - 6}" fill="{COLORS[0]}"/>'
-                   f'<text x="{L + w + 4:.1f}" y="{y + 13}">{counts[n]}</text>')
-    out.append("</svg>")
-    return "".join(out)
 
 
 def confusion_html(labels: list[str], conf: list[list[int]]) -> str:
@@ -184,76 +72,6 @@ def per_class_html(m: dict) -> str:
     return ('<table id="per-class-table"><tr><th class="l">class</th><th>precision</th><th>recall</th>'
             f'<th>F1</th><th>support</th></tr>{rows}</table>')
 
-
-def thumbnail_uri(path: str, side: int = THUMB_SIDE) -> str | None:
-    """A small JPEG of the image as a data: URI, or None when it cannot be read any more."""
-    from retrain.errors import ImageError
-    from retrain.images import open_image
-
-    try:
-        im = open_image(path, draft_size=side)
-    except ImageError:
-        return None
-    im.thumbnail((side, side))
-    buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=80)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _figure(path, root: str | None, css_class: str, caption: str) -> str:
-    """One thumbnail of a gallery with its path (relative to `root`) and a caption (HTML)."""
-    p = str(path)
-    name = os.path.relpath(p, root) if root and os.path.isabs(p) else p
-    uri = thumbnail_uri(p) if os.path.isabs(p) or os.path.exists(p) else None
-    img = (f'<img src="{uri}" alt="{esc(name)}">' if uri
-           else f'<div class="missing" title="{esc(p)}">image not found</div>')
-    return (f'<figure class="{css_class}">{img}<figcaption><span class="mono">{esc(name)}</span><br>'
-            f'{caption}</figcaption></figure>')
-
-
-def gallery_html(misclassified: list[dict], root: str | None = None, limit: int = GALLERY_MAX) -> str:
-    if not misclassified:
-        return '<p class="sub" id="gallery-empty">No misclassified images.</p>'
-    items = [_figure(r["path"], root, "mis", f'true <b class="ok">{esc(r["true"])}</b>, predicted <b class="bad">'
-                     f'{esc(r["predicted"])}</b> ({r["confidence"] * 100:.0f}%)') for r in misclassified[:limit]]
-    more = (f'<p class="sub">{len(misclassified) - limit} more not shown (all are listed in report.json).</p>'
-            if len(misclassified) > limit else "")
-    return f'<div class="gallery" id="gallery">{"".join(items)}</div>{more}'
-
-
-def label_issues_html(li: dict | None, root: str | None = None, limit: int = GALLERY_MAX // 2) -> list[str]:
-    """The "possibly mislabelled photos" section (retrain.mislabels: confident learning on
-    out-of-fold predictions): the most confused class pairs and thumbnails of the suspects,
-    each with its folder, the class it looks like and its score. [] for a report without one."""
-    if not li:
-        return []
-    if li.get("skipped"):
-        return ['<h2 id="label-issues">Possibly mislabelled photos</h2>',
-                f'<p class="sub" id="label-issues-skipped">{esc(li["skipped"])}</p>']
-    sus = li.get("suspects") or []
-    body = [f'<h2 id="label-issues">Possibly mislabelled photos ({len(sus)})</h2>',
-            '<p class="sub" style="word-break:normal">Photos whose folder disagrees most with out-of-fold '
-            f'predictions ({li.get("folds")}-fold '
-            f'heads on the bottlenecks, L2 {esc(li.get("l2"))}: no photo is judged by a head that saw its label), '
-            f'flagged by confident learning, most suspect first (score 1: the head is sure the folder is wrong). '
-            '"Looks like" is the closest class; a photo of none of them belongs elsewhere. To move them into a '
-            f'review folder (and back): <span class="mono">retrain check {esc(root or "IMAGE_DIR")} --labels '
-            '--move-to REVIEW/</span></p>']
-    pairs = li.get("confused_pairs") or []
-    if pairs:
-        rows = "".join(f'<tr><td class="l">{esc(p["labelled"])}</td><td class="l">{esc(p["looks_like"])}</td>'
-                       f'<td>{p["count"]}</td></tr>' for p in pairs[:10])
-        body.append('<table id="confused-pairs"><tr><th class="l">in the folder of</th><th class="l">looks like</th>'
-                    f'<th>suspects</th></tr>{rows}</table>')
-    if not sus:
-        body.append('<p class="sub" id="label-gallery-empty">None found.</p>')
-        return body
-    items = [_figure(r["path"], root, "suspect", f'in <b class="bad">{esc(r["label"])}</b>, looks like <b class="ok">'
-                     f'{esc(r["suggested"])}</b> (score {r["score"]:.2f})') for r in sus[:limit]]
-    body.append(f'<div class="gallery" id="label-gallery">{"".join(items)}</div>')
-    if len(sus) > limit:
-        body.append(f'<p class="sub">{len(sus) - limit} more not shown (all are listed in report.json).</p>')
-    return body
 
 
 def _l2_grid_html(grid: list[dict], chosen) -> str:
@@ -315,51 +133,6 @@ def _skipped_section(skipped: list[dict], root) -> list[str]:
     return body
 
 
-def svg_histogram(hist: dict, *, title: str, width: int = 560, height: int = 280,
-                  css_id: str | None = None) -> str:
-    """Two overlaid histograms over shared bins (inside: blue, outside: red), each scaled to its
-    own share of photos, with the threshold as a dashed line."""
-    edges, a, b = hist.get("edges") or [], hist.get("inside") or [], hist.get("outside") or []
-    if len(edges) < 2:
-        return f'<p class="sub">{esc(title)}: no data</p>'
-    na, nb = max(sum(a), 1), max(sum(b), 1)
-    shares = [[v / na for v in a], [v / nb for v in b]]
-    top = max(max(x) for x in shares if x) or 1
-    L, R, T, B = 48, 12, 26, 72
-    pw, ph = width - L - R, height - T - B
-    x0, x1 = edges[0], edges[-1]
-
-    def sx(x):
-        return L + (x - x0) / ((x1 - x0) or 1) * pw
-
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-           f'aria-label="{esc(title)}"' + (f' id="{esc(css_id)}"' if css_id else "")
-           + ' style="background:#fff;border:1px solid #e2e4e8">',
-           f'<text x="{L}" y="16" style="font-weight:600;font-size:13px">{esc(title)}</text>',
-           f'<rect x="{L}" y="{T}" width="{pw}" height="{ph}" fill="none" stroke="#bbb"/>']
-    for t in _nice_ticks(x0, x1):
-        out.append(f'<line x1="{sx(t):.1f}" x2="{sx(t):.1f}" y1="{T + ph}" y2="{T + ph + 4}" stroke="#888"/>'
-                   f'<text x="{sx(t):.1f}" y="{T + ph + 16}" text-anchor="middle">{t:g}</text>')
-    names = (f"{hist.get('inside_label', 'inside')} (n={sum(a)})", f"{hist.get('outside_label', 'outside')} (n={sum(b)})")
-    for k, (vals, color) in enumerate(zip(shares, (COLORS[0], COLORS[1]))):
-        for i, v in enumerate(vals):
-            if v:
-                h = v / top * ph
-                out.append(f'<rect class="bar-{("inside", "outside")[k]}" x="{sx(edges[i]):.1f}" y="{T + ph - h:.1f}" '
-                           f'width="{max(sx(edges[i + 1]) - sx(edges[i]) - 1, 1):.1f}" height="{h:.1f}" '
-                           f'fill="{color}" fill-opacity="0.55"/>')
-        ly = height - 30 + 15 * k
-        out.append(f'<rect x="{L + 4}" y="{ly - 9}" width="10" height="10" fill="{color}" fill-opacity="0.55"/>'
-                   f'<text x="{L + 18}" y="{ly}">{esc(names[k][:80])}</text>')
-    thr = hist.get("threshold")
-    if thr is not None and x0 <= thr <= x1:
-        out.append(f'<line id="{esc(css_id or "hist")}-threshold" x1="{sx(thr):.1f}" x2="{sx(thr):.1f}" y1="{T}" '
-                   f'y2="{T + ph}" stroke="#222" stroke-dasharray="5,3"/><text x="{sx(thr) + 4:.1f}" y="{T + 12}">'
-                   f'threshold {thr:.3f}: unknown above</text>')
-    out.append(f'<text x="{L + pw / 2}" y="{T + ph + 30}" text-anchor="middle">novelty (share of each set per bin)</text>')
-    out.append("</svg>")
-    return "".join(out)
-
 
 def novelty_html(nov: dict | None, *, evaluation: bool = False) -> list[str]:
     """The "unknown" section: the novelty threshold and what it rejects, inside and outside
@@ -417,11 +190,10 @@ def novelty_html(nov: dict | None, *, evaluation: bool = False) -> list[str]:
     return body
 
 
-def run_html(report: dict) -> str:
-    """The page for a run's report dict (see retrain.fit.fit)."""
+def _run_summary(report: dict) -> list[str]:
+    """The cards at the top of a run's page and its data warnings."""
     metrics = report.get("metrics", {})
     te, va, tr = metrics.get("test", {}), metrics.get("validation", {}), metrics.get("train", {})
-    root = report.get("image_dir")
     timings = report.get("timings", {})
     n_images = sum(report.get("class_counts", {}).values())
     train = report.get("train", {})
@@ -436,9 +208,14 @@ def run_html(report: dict) -> str:
     if warns:
         body.append(f'<h2 id="warnings">Data warnings ({len(warns)})</h2>')
         body += [f'<div class="warn">{esc(w)}</div>' for w in warns[:LIST_MAX]]
+    return body
 
+
+def _curves_section(report: dict) -> list[str]:
+    """Training curves (accuracy, cross entropy, the learning rate) and the L2 grid."""
     hist = report.get("history") or []
-    body.append('<h2 id="curves">Training curves</h2>')
+    train = report.get("train", {})
+    body = ['<h2 id="curves">Training curves</h2>']
     extra = ""
     if train.get("optimizer") == "lbfgs":
         extra = f" L-BFGS iterations, L2 {train.get('l2')} chosen on validation."
@@ -458,21 +235,24 @@ def run_html(report: dict) -> str:
     if any("learning_rate" in h for h in hist):
         lr = [("learning rate", [(h["step"], h.get("learning_rate")) for h in hist], False)]
         body.append(svg_line_chart(lr, title="learning rate", css_id="chart-learning-rate"))
+    return body
 
+
+def _splits_section(metrics: dict) -> list[str]:
+    """The table of accuracy and cross entropy of each split."""
+    te, va, tr = metrics.get("test", {}), metrics.get("validation", {}), metrics.get("train", {})
     splits = "".join(
         f'<tr><td class="l">{n}</td><td>{m.get("n", 0)}</td><td>{_pct(m.get("accuracy"))}</td>'
         f'<td>{"n/a" if m.get("cross_entropy") is None else format(m["cross_entropy"], ".4f")}</td></tr>'
         for n, m in (("train", tr), ("validation", va), ("test", te)) if m)
-    body.append('<h2 id="splits">Accuracy by split</h2><table id="split-table"><tr><th class="l">split</th>'
-                f'<th>images</th><th>accuracy</th><th>cross entropy</th></tr>{splits}</table>')
-    shown, what = (te, "test") if te.get("n") else (va, "validation")
-    if shown.get("n"):
-        body += _results_sections(shown, root, what)
-    body += novelty_html(report.get("novelty"))
-    body += label_issues_html(report.get("label_issues"), root)
+    return ['<h2 id="splits">Accuracy by split</h2><table id="split-table"><tr><th class="l">split</th>'
+            f'<th>images</th><th>accuracy</th><th>cross entropy</th></tr>{splits}</table>']
 
-    body.append('<h2 id="classes">Images per class</h2>')
-    body.append(svg_bar_chart(report.get("class_counts", {}), title="images per class", css_id="chart-classes"))
+
+def _data_sections(report: dict, root) -> list[str]:
+    """Images per class, the split, skipped files and exact duplicates."""
+    body = ['<h2 id="classes">Images per class</h2>',
+            svg_bar_chart(report.get("class_counts", {}), title="images per class", css_id="chart-classes")]
     sc = (report.get("split_counts") or {})
     if sc:
         body.append(f'<p class="sub">Split: {sc.get("train", 0)} train, {sc.get("validation", 0)} validation, '
@@ -486,8 +266,12 @@ def run_html(report: dict) -> str:
         body.append(_path_list(rows, "duplicates-list"))
     else:
         body.append('<p class="sub">None found.</p>')
+    return body
 
-    body.append('<h2 id="timings">Timings</h2>')
+
+def _timings_and_config(report: dict) -> list[str]:
+    timings = report.get("timings", {})
+    body = ['<h2 id="timings">Timings</h2>']
     tm = {k: (f"{v:.2f} s" if isinstance(v, (int, float)) else v) for k, v in timings.items()
           if not isinstance(v, dict)}
     detail = timings.get("bottleneck_detail") or {}
@@ -501,6 +285,22 @@ def run_html(report: dict) -> str:
     cfg = dict(report.get("config") or {})
     cfg["retrain_version"] = report.get("retrain_version", "?")
     body.append(_kv_table(cfg, "config-table"))
+    return body
+
+
+def run_html(report: dict) -> str:
+    """The page for a run's report dict (see retrain.fit.fit)."""
+    metrics = report.get("metrics", {})
+    te, va = metrics.get("test", {}), metrics.get("validation", {})
+    root = report.get("image_dir")
+    body = _run_summary(report) + _curves_section(report) + _splits_section(metrics)
+    shown, what = (te, "test") if te.get("n") else (va, "validation")
+    if shown.get("n"):
+        body += _results_sections(shown, root, what)
+    body += novelty_html(report.get("novelty"))
+    body += label_issues_html(report.get("label_issues"), root)
+    body += _data_sections(report, root)
+    body += _timings_and_config(report)
     title = f"retrain run: {Path(report.get('output') or 'run').name}"
     sub = f"{report.get('output', '')}, trained on {root} ({report.get('architecture', '?')})"
     return page(title, sub, body)

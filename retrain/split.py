@@ -63,6 +63,24 @@ def check_class_sizes(items, classes) -> None:
                 f"validation and test), and 20+ for useful accuracy: add photos or remove the folder")
 
 
+def split_parts(items, classes, cfg, log) -> tuple:
+    """fit's split of `items`: (y, the class index of each item; parts, "train" / "validation" /
+    "test" -> indices into items), by split_items with cfg's percentages, the test split cut to
+    --test_batch_size photos (a sample drawn with --seed) where it is larger; logged."""
+    import numpy as np
+
+    assign = split_items(items, validation_percentage=cfg.validation_percentage,
+                         testing_percentage=cfg.testing_percentage, classes=classes)
+    y = np.array([classes.index(it.label) for it in items], dtype=np.int64)
+    parts = {name: np.array([i for i, it in enumerate(items) if assign[it.path] == name], dtype=np.int64)
+             for name in ("train", "validation", "test")}
+    if cfg.test_batch_size and cfg.test_batch_size > 0 and len(parts["test"]) > cfg.test_batch_size:
+        rng = np.random.default_rng(cfg.seed)
+        parts["test"] = np.sort(rng.choice(parts["test"], cfg.test_batch_size, replace=False))
+    log(f"Split: {len(parts['train'])} train, {len(parts['validation'])} validation, {len(parts['test'])} test")
+    return y, parts
+
+
 def split_items(items, *, validation_percentage: float = 10.0, testing_percentage: float = 10.0,
                 classes=None) -> dict[str, str]:
     """Assign each item (with .path, .label, .digest) to a split. Returns {path: split}.

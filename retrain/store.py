@@ -15,12 +15,12 @@ next `retrain embed`. Shards are written whole: a temporary name, then a rename 
 store such as s3:// a PUT is atomic by itself). Readers never hold more than one row group.
 
 STORE may be a local folder or any URI pyarrow's file systems reach (s3://bucket/x where
-pyarrow has S3 support and credentials, a shared mount as a plain path).
+pyarrow has S3 support and credentials, a shared mount as a plain path). The schema, rows as a
+table and the file-system access are in retrain.store_format.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -29,48 +29,13 @@ import uuid
 import numpy as np
 
 from retrain.errors import ConfigError, DataError
+from retrain.store_format import WRITE_OPTIONS, filesystem, read_json, rows_table, schema, write_bytes
 
 STORE_SCHEMA = 1
 ROWS_PER_FILE = 65_536  # rows a writer collects before it writes a shard (~170 MB of float16 at 1280)
 FLUSH_SECONDS = 30.0  # and at least this often: what a kill -9 of `retrain embed` can lose
 ROW_GROUP_ROWS = 8192  # rows per row group: the unit a streamed reader holds in memory
 DTYPES = ("float16", "float32")
-
-
-def _pa():
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet  # noqa: F401
-    except ImportError:
-        from retrain.errors import MissingDependency
-
-        raise MissingDependency("the feature store needs pyarrow: pip install pyarrow") from None
-    return pa
-
-
-WRITE_OPTIONS = {"write_page_checksum": True, "use_dictionary": ["label", "error"],
-                 "compression": {"key": "zstd", "path": "zstd", "label": "zstd", "error": "zstd", "features": "none"}}
-
-
-def schema(dim: int, dtype: str = "float16"):
-    pa = _pa()
-    return pa.schema([("key", pa.binary(16)), ("path", pa.string()), ("label", pa.string()),
-                      ("features", pa.list_(pa.float16() if dtype == "float16" else pa.float32(), dim)),
-                      ("error", pa.string())])
-
-
-def filesystem(location: str):
-    """(pyarrow FileSystem, path in it) for a local path or a URI (s3://, gs://, hdfs://, file://)."""
-    import pyarrow.fs as pafs
-
-    loc = str(location)
-    if "://" in loc:
-        try:
-            return pafs.FileSystem.from_uri(loc)
-        except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid / OSError / ImportError
-            raise ConfigError(f"cannot open the feature store {loc} ({str(e).splitlines()[0][:160]}): give a "
-                              "local folder or a URI pyarrow supports (s3://... with pyarrow's S3 support)") from None
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(loc))
 
 
 def folder_name(backbone, precision: str) -> str:
@@ -119,9 +84,9 @@ class FeatureStore:
         meta = store_meta(backbone, precision, dtype)
         try:
             fs.create_dir(path, recursive=True)
-            old = _read_json(fs, f"{path}/_meta.json")
+            old = read_json(fs, f"{path}/_meta.json")
             if old is None:
-                _write_bytes(fs, f"{path}/_meta.json", json.dumps(meta, indent=1, sort_keys=True).encode())
+                write_bytes(fs, f"{path}/_meta.json", json.dumps(meta, indent=1, sort_keys=True).encode())
             elif old != meta:
                 if old.get("dtype") != dtype and {k: v for k, v in old.items() if k != "dtype"} == \
                         {k: v for k, v in meta.items() if k != "dtype"}:
@@ -143,13 +108,13 @@ class FeatureStore:
             raise DataError(f"feature store not found: {location} (make one with retrain embed DIR --out {location})")
         if info.type != pafs.FileType.Directory:
             raise DataError(f"{location} is a file, not a feature store folder (made by retrain embed)")
-        meta = _read_json(fs, f"{root}/_meta.json")
+        meta = read_json(fs, f"{root}/_meta.json")
         if meta is not None:
             return cls(fs, root, meta, log=log)
         found = []
         for sub in fs.get_file_info(pafs.FileSelector(root)):
             if sub.type == pafs.FileType.Directory:
-                m = _read_json(fs, f"{sub.path}/_meta.json")
+                m = read_json(fs, f"{sub.path}/_meta.json")
                 if m is not None and m.get("format") == "parquet":
                     found.append((sub.path, m))
         if backbone is not None and len(found) > 1:
@@ -430,51 +395,6 @@ class StoreWriter:
 
 
 # -------------------------------------------------------------------------------- helpers
-
-def rows_table(dim: int, dtype: str, keys, paths, labels, feats, errors=None):
-    """Rows as a pyarrow table of the store's schema; feats (n, dim) with NaN rows -> null
-    features (and the error "no features" where none is given)."""
-    pa = _pa()
-    n = len(keys)
-    feats = np.asarray(feats, np.float32).reshape(n, dim)
-    errors = list(errors) if errors is not None else [None] * n
-    valid = np.array([e is None for e in errors], bool) & np.isfinite(feats).all(axis=1)
-    errors = [e if e is not None or valid[i] else "no features" for i, e in enumerate(errors)]
-    flat = pa.array(np.where(valid[:, None], feats, 0).astype(dtype).ravel())
-    fl = pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(~valid))
-    return pa.Table.from_arrays([pa.array(list(keys), pa.binary(16)), pa.array(list(paths), pa.string()),
-                                 pa.array(list(labels), pa.string()), fl, pa.array(errors, pa.string())],
-                                schema=schema(dim, dtype))
-
-
-def key_hex(key: bytes) -> str:
-    return bytes(key).hex()
-
-
-def digest_bytes(data: bytes) -> bytes:
-    """The store's (and the cache's) key of a file: BLAKE2b-128 of its bytes."""
-    return hashlib.blake2b(data, digest_size=16).digest()
-
-
-def _read_json(fs, path):
-    try:
-        with fs.open_input_stream(path) as f:
-            return json.loads(f.read().decode())
-    except (OSError, ValueError):
-        return None
-
-
-def _write_bytes(fs, path: str, data: bytes) -> None:
-    import pyarrow.fs as pafs
-
-    if isinstance(fs, pafs.LocalFileSystem):
-        from retrain.files import write_bytes_atomic
-
-        write_bytes_atomic(path, data)
-    else:
-        with fs.open_output_stream(path) as f:
-            f.write(data)
-
 
 def _check_not_a_file(fs, root: str, location) -> None:
     import pyarrow.fs as pafs

@@ -31,7 +31,7 @@ def test_tail_reproduces_the_frozen_backbone():
 
     from retrain.architectures import get_backbone
     from retrain.features import build_torch, feature_module
-    from retrain.finetune import make_prefix, make_tail
+    from retrain.backbone_split import make_prefix, make_tail
 
     bb = get_backbone("efficientnet_lite0")
     m = build_torch(bb)

@@ -6,7 +6,7 @@ import pytest
 from retrain.config import FitConfig
 from retrain.errors import ConfigError
 from retrain import head as head_module
-from retrain.fit import validate_config
+from retrain.fit_data import validate_config
 from retrain.head import Head, _loss_grad, train_lbfgs, train_sgd
 
 

@@ -9,11 +9,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "retrain"
 # Lowest first. Within a layer imports are allowed, as long as there is no cycle.
 LAYERS = [
     {"retrain", "errors", "files", "progress", "interrupt"},
-    {"config", "images", "runtime", "head", "split", "run", "zoo", "onnx_backbone", "store"},
+    {"config", "images", "runtime", "head", "split", "run", "zoo", "onnx_backbone", "onnx_cut", "store", "store_format"},
     {"augment", "scan", "calibrate", "pipeline", "architectures", "summaries", "quantize", "mislabels",
-     "novelty"},
-    {"features", "cache", "bottlenecks", "finetune", "model", "classifier", "distributed", "streamfit"},
-    {"check", "evaluate", "label", "report", "bench", "embed", "backbones"},
+     "novelty", "charts", "galleries", "findings", "near_duplicates"},
+    {"features", "cache", "bottlenecks", "backbone_split", "finetune", "model", "classifier", "distributed",
+     "streamfit"},
+    {"check", "evaluate", "label", "report", "bench", "embed", "backbones", "fit_data", "final_layer",
+     "fit_output"},
     {"export", "compare", "fit", "serve"},
     {"cli", "__main__"},
 ]

@@ -180,7 +180,7 @@ def test_fit_reports_the_planted_errors(planted, planted_run):
 
 
 def test_report_without_cleanlab_or_with_small_classes_says_why(tmp_path):
-    from retrain.report import label_issues_html
+    from retrain.galleries import label_issues_html
 
     html = "".join(label_issues_html({"skipped": "class 'a' has 3 photos; the out-of-fold check needs at least 4"}))
     assert 'id="label-issues-skipped"' in html and "class &#x27;a&#x27; has 3 photos" in html

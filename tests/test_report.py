@@ -161,7 +161,8 @@ def test_evaluate_html_shows_the_mistakes(browser, tiny_run, tmp_path):
 
 def test_report_html_is_bounded(tmp_path):
     """Hundreds of mistakes: the page shows GALLERY_MAX thumbnails and stays small."""
-    from retrain.report import GALLERY_MAX, write_eval_html
+    from retrain.galleries import GALLERY_MAX
+    from retrain.report import write_eval_html
 
     img = make_image(tmp_path / "a.jpg", 0, 1, size=(1600, 1200))
     labels = ["a", "b"]

@@ -1,0 +1,163 @@
+"""The backbone split in two for `retrain fit --fine-tune` (retrain.finetune): the frozen
+prefix (stem + the first blocks), exported to ONNX once and run by ONNX Runtime, whose
+activations are cached like bottlenecks, and the tail (the last blocks + the head's conv) that
+is trained in PyTorch; and the whole backbone with a fine-tuned tail, exported again.
+torch is imported only when one of these runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from retrain.errors import ConfigError, MissingDependency
+
+
+def load_torch():
+    try:
+        import torch
+    except ImportError:
+        raise MissingDependency("--fine-tune needs PyTorch: pip install torch==2.13.0 --index-url "
+                                "https://download.pytorch.org/whl/cpu") from None
+    return torch
+
+
+def split_point(model, unfreeze: int) -> int:
+    n = len(model._blocks)
+    if not 1 <= unfreeze <= n:
+        raise ConfigError(f"--unfreeze is a number of backbone blocks from the end, 1 to {n}, got {unfreeze}")
+    return n - unfreeze
+
+
+def make_prefix(model, start: int):
+    """(N, 3, H, W) -> activations before block `start` (N, C, h, w): the frozen part."""
+    torch = load_torch()
+
+    class Prefix(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.stem = torch.nn.Sequential(net._conv_stem, net._bn0, net._swish)
+            self.blocks = torch.nn.ModuleList(net._blocks[:start])
+            self.rate = net._global_params.drop_connect_rate or 0.0
+            self.n = len(net._blocks)
+
+        def forward(self, x):
+            x = self.stem(x)
+            for i, b in enumerate(self.blocks):
+                x = b(x, drop_connect_rate=self.rate * i / self.n)
+            return x
+
+    return Prefix(model).eval()
+
+
+def make_tail(model, start: int):
+    """Activations before block `start` -> pooled features (N, 1280): the part fine-tuned."""
+    torch = load_torch()
+
+    class Tail(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(net._blocks[start:])
+            self.conv_head, self.bn1, self.act = net._conv_head, net._bn1, net._swish
+            self.rate = net._global_params.drop_connect_rate or 0.0
+            self.start, self.n = start, len(net._blocks)
+
+        def forward(self, x):
+            for i, b in enumerate(self.blocks):
+                x = b(x, drop_connect_rate=self.rate * (self.start + i) / self.n)
+            return self.act(self.bn1(self.conv_head(x))).mean(dim=(2, 3))
+
+        def train(self, mode: bool = True):
+            # Stochastic depth on, batch-norm statistics frozen: batches are small and the
+            # ImageNet statistics are good.
+            super().train(mode)
+            for m in self.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+            return self
+
+    return Tail(model)
+
+
+def prefix_onnx(bb, start: int, *, log=None) -> Path:
+    """The frozen prefix exported to ONNX once (cached; checked against PyTorch)."""
+    from retrain.features import build_torch, export_checked
+    from retrain.files import cache_root
+
+    out = cache_root() / "backbones" / f"{bb.name}-{bb.fingerprint()}-prefix{start}.onnx"
+    if not out.is_file():
+        if log:
+            log(f"Exporting the frozen part of {bb.name} (blocks 0-{start - 1}) to ONNX once ...")
+        export_checked(make_prefix(build_torch(bb), start), out, bb.image_size, output_name="activations")
+    return out
+
+
+def activation_shape(bb, start: int) -> tuple[int, int, int]:
+    torch = load_torch()
+    from retrain.features import build_torch
+
+    with torch.no_grad():
+        a = make_prefix(build_torch(bb), start)(torch.zeros(1, 3, bb.image_size, bb.image_size))
+    return tuple(a.shape[1:])
+
+
+# ------------------------------------------------------------------------ cached prefix activations
+
+def prefix_activations(items, bb, start: int, cache_dir, *, views: int = 0, distortions=None,
+                       view_items=None, provider: str = "auto", batch_size: int = 32, workers=None,
+                       quiet=False, log=None):
+    """Prefix activations of each item's centre view and of the distorted views of `view_items`.
+
+    view_items: indices of the items that get distorted views (the training images).
+    Returns (centre (n, D) float16, views (len(view_items), V, D) float16 or None,
+    shape (C, h, w), timing).
+    Stored in a BottleneckCache of its own (folder named after the split point).
+    """
+    from retrain import augment, images
+    from retrain.bottlenecks import compute_cached
+    from retrain.cache import BottleneckCache, key_of
+    from retrain.runtime import OnnxEngine, make_session
+
+    shape = activation_shape(bb, start)
+    dim = int(np.prod(shape))
+    pseudo = dataclasses.replace(bb, name=f"{bb.name}-prefix{start}", feature_dim=dim)
+    # float16: half the memory and disk of float32, and finer than the bf16 that training uses.
+    cache = BottleneckCache(cache_dir, pseudo, dtype="float16", log=log)
+    size, crop = bb.image_size, bb.crop_fraction
+    view_items = range(len(items)) if view_items is None else view_items
+    jobs = [(i, -1) for i in range(len(items))] + [(int(i), v) for i in view_items for v in range(views)]
+
+    def key(job):
+        i, v = job
+        return key_of(items[i].digest, "prefix" if v < 0 else "prefix|" + augment.variant(distortions, v))
+
+    def loader(j):
+        i, v = jobs[j]
+        if v < 0:
+            return images.load(items[i].path, size, crop)
+        return augment.load_view(items[i].path, items[i].digest, v, distortions, size, crop)
+
+    feats, _fails, timing = compute_cached(
+        [key(j) for j in jobs], loader, lambda: OnnxEngine(make_session(prefix_onnx(bb, start, log=log),
+                                                                          provider=provider)),
+        cache, batch_size=batch_size, workers=workers, mean=bb.mean, std=bb.std,
+        desc="Frozen-part activations", quiet=quiet, out_dtype=np.float16)
+    n = len(items)
+    centre = feats[:n]
+    v = feats[n:].reshape(len(view_items), views, dim) if views else None
+    return centre, v, shape, timing
+
+
+# ------------------------------------------------------------------------ export
+
+def fine_tuned_features_onnx(bb, result, path: Path) -> None:
+    """The whole backbone with the fine-tuned tail (`result`: a retrain.finetune.FineTuneResult),
+    exported (N,3,H,W) -> (N,C) to `path`."""
+    from retrain.features import build_torch, export_onnx, feature_module
+
+    model = build_torch(bb)
+    tail = make_tail(model, result.start)
+    tail.load_state_dict({n: t.contiguous() for n, t in result.tail_state.items()})  # updates `model`
+    export_onnx(feature_module(model.eval()), path, bb.image_size)
