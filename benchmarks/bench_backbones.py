@@ -36,26 +36,10 @@ from common import FLOWERS, ROOT, machine  # noqa: E402
 
 def export_lite0_classifier(path: Path) -> Path:
     """EfficientNet-Lite0 with its ImageNet classifier, as a user exports a torchvision/timm model."""
-    import warnings
-
-    import onnx
-    import torch
-
     from retrain.architectures import get_backbone
-    from retrain.features import build_torch
+    from retrain.features import export_classifier
 
-    net = build_torch(get_backbone("efficientnet_lite0"))
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net, (torch.zeros(1, 3, 224, 224),), str(path), input_names=["images"],
-                          output_names=["logits"], dynamic_axes={"images": {0: "N"}, "logits": {0: "N"}},
-                          opset_version=17, dynamo=False)
-    m = onnx.load(str(path))
-    for k, v in (("mean", "127"), ("std", "128")):  # EfficientNet-Lite's preprocessing, in its metadata
-        e = m.metadata_props.add()
-        e.key, e.value = k, v
-    onnx.save(m, str(path))
-    return path
+    return export_classifier(get_backbone("efficientnet_lite0"), path)
 
 
 def interleaved(specs, res, *, rounds: int = 5, batch: int = 8) -> None:

@@ -180,3 +180,25 @@ def quantize_backbone_int8(bb: Backbone, fp32_path: Path, *, log=None) -> Path:
                        "onnxruntime": ort.__version__}, f, indent=1)
         os.replace(q, out)
     return out
+
+
+def export_classifier(bb: Backbone, path: Path) -> Path:
+    """The built-in backbone *with its ImageNet classifier* as one ONNX file (input `images`,
+    output `logits`, dynamic batch, its mean/std in the metadata): a model as a user brings one
+    from torchvision or timm, for `--architecture path.onnx` (tests and benchmarks use it)."""
+    import warnings
+
+    import onnx
+    import torch
+
+    net = build_torch(bb)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.zeros(1, 3, bb.image_size, bb.image_size),), str(path),
+                          input_names=["images"], output_names=["logits"],
+                          dynamic_axes={"images": {0: "N"}, "logits": {0: "N"}}, opset_version=OPSET, dynamo=False)
+    m = onnx.load(str(path))
+    for k, v in (("mean", json.dumps(bb.mean)), ("std", json.dumps(bb.std))):
+        m.metadata_props.add(key=k, value=v)
+    onnx.save(m, str(path))
+    return path

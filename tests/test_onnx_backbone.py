@@ -116,27 +116,12 @@ def features(bb, x):
 
 @pytest.fixture(scope="session")
 def lite0_classifier(tmp_path_factory):
-    """EfficientNet-Lite0 *with* its ImageNet classifier exported through torch, as a user would
+    """EfficientNet-Lite0 exported with its ImageNet classifier through torch, as a user would
     export a torchvision/timm model; its metadata gives the Lite preprocessing (127, 128)."""
-    import warnings
+    from retrain.features import export_classifier
 
-    import torch
-
-    from retrain.features import build_torch
-
-    path = tmp_path_factory.mktemp("lite0cls") / "lite0_classifier.onnx"
-    net = build_torch(get_backbone("efficientnet_lite0"))
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net, (torch.zeros(1, 3, 224, 224),), str(path), input_names=["images"],
-                          output_names=["logits"], dynamic_axes={"images": {0: "N"}, "logits": {0: "N"}},
-                          opset_version=17, dynamo=False)
-    m = onnx.load(str(path))
-    for k, v in (("mean", "127"), ("std", "128")):
-        e = m.metadata_props.add()
-        e.key, e.value = k, v
-    onnx.save(m, str(path))
-    return path
+    return export_classifier(get_backbone("efficientnet_lite0"),
+                             tmp_path_factory.mktemp("lite0cls") / "lite0_classifier.onnx")
 
 
 @pytest.fixture(scope="module")
