@@ -22,9 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-import urllib.request
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -297,7 +294,7 @@ def _url_backbone(url: str, options: dict, *, log, quiet: bool = False) -> Backb
             raise MissingDependency(zoo.missing_message(f"the backbone {fname}", base, dest, "RETRAIN_OFFLINE is set"))
         try:
             zoo.download(base, dest, pinned, log=log, quiet=quiet, desc=fname)
-        except zoo._Unreachable as e:
+        except zoo.Unreachable as e:
             raise MissingDependency(zoo.missing_message(f"the backbone {fname}", base, dest, str(e))) from None
         if pinned is None:
             log(f"note: {fname} downloaded unpinned; its SHA-256 is {sha256_file(dest)} (add "
@@ -306,23 +303,14 @@ def _url_backbone(url: str, options: dict, *, log, quiet: bool = False) -> Backb
 
 
 def download(url: str, dest: Path, sha256: str, *, timeout: float = 60.0) -> Path:
-    """Fetch `url` to `dest` atomically and check its SHA-256; a mismatch deletes it and raises."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".part-")
+    """Fetch `url` to `dest` and check its SHA-256 (retrain.zoo.download: resumable, atomic, a
+    progress bar); a mismatch deletes it and raises, an unreachable URL is a MissingDependency."""
+    from retrain import zoo
+
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-            shutil.copyfileobj(resp, out, 1 << 20)
-        got = sha256_file(Path(tmp))
-        if got != sha256:
-            raise MissingDependency(
-                f"download of {url} has SHA-256 {got[:12]}..., expected {sha256[:12]}...: refusing it")
-        os.replace(tmp, dest)
-        return dest
-    except OSError as e:
+        return zoo.download(url, dest, sha256, timeout=timeout, quiet=True)
+    except zoo.Unreachable as e:
         raise MissingDependency(f"could not download {url}: {e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def weights_path(bb: Backbone) -> Path:

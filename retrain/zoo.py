@@ -206,7 +206,7 @@ def fetch(entry: ZooEntry, *, log=None, quiet: bool = False, timeout: float = 30
         try:
             return download(url, dest, entry.sha256, size=entry.size, log=log, quiet=quiet, timeout=timeout,
                             desc=entry.name)
-        except _Unreachable as e:
+        except Unreachable as e:
             reasons.append(str(e) if url == entry.url else f"{url}: {e}")
     raise MissingDependency(missing_message(what, entry.url, dest, "; ".join(reasons)))
 
@@ -217,7 +217,7 @@ def _join(base: str, name: str) -> str:
     return base.rstrip("/") + "/" + urllib.parse.quote(name)
 
 
-class _Unreachable(Exception):
+class Unreachable(Exception):
     """The source could not be reached at all (no network, no such file): try the next one."""
 
 
@@ -227,7 +227,7 @@ def download(url: str, dest: Path, sha256: str | None, *, size: int | None = Non
     server allows, else restarted), with a progress bar; renamed into place only once its size
     (if given) and SHA-256 (if given) match. A mismatch deletes the part file and raises
     MissingDependency; an interrupted transfer keeps it for the next attempt and raises too.
-    Unreachable sources raise _Unreachable (the caller tries the next one)."""
+    Unreachable sources raise Unreachable (the caller tries the next one)."""
     from retrain.progress import bar
 
     dest = Path(dest)
@@ -250,9 +250,9 @@ def download(url: str, dest: Path, sha256: str | None, *, size: int | None = Non
             if e.code == 416 and have:  # the part file is already whole
                 resp = None
             else:
-                raise _Unreachable(f"HTTP {e.code} {e.reason}") from None
+                raise Unreachable(f"HTTP {e.code} {e.reason}") from None
         except (urllib.error.URLError, OSError, ValueError) as e:
-            raise _Unreachable(str(getattr(e, "reason", e))) from None
+            raise Unreachable(str(getattr(e, "reason", e))) from None
         if resp is not None:
             with resp:
                 status = getattr(resp, "status", None) or resp.getcode()
