@@ -21,18 +21,19 @@ def opt(default, help: str, *aliases: str, choices=None, metavar=None, range=Non
                                             "metavar": metavar, "range": range})
 
 
-def check_number(flag: str, value, lo, hi, *, allow=()):
-    """`value` if it is a finite number in [lo, hi] (or one of `allow`), else a ConfigError that
-    names the flag, the value and the range."""
+def check_number(flag: str, value, lo, hi, *, allow=(), above: bool = False):
+    """`value` if it is a finite number in [lo, hi] ((lo, hi] with `above`), or one of `allow`;
+    else a ConfigError that names the flag, the value and the range."""
     import math
 
     if value in allow and not isinstance(value, bool):
         return value
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
-        and lo <= value <= hi
+        and (lo < value if above else lo <= value) and value <= hi
     if not ok:
         also = f" (or {', '.join(map(str, allow))})" if allow else ""
-        raise ConfigError(f"{flag} must be a number from {_num(lo)} to {_num(hi)}{also}, got {value}")
+        low = f"above {_num(lo)}" if above else f"from {_num(lo)}"
+        raise ConfigError(f"{flag} must be a number {low} to {_num(hi)}{also}, got {value}")
     return value
 
 

@@ -11,7 +11,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 
-from retrain.errors import ConfigError
+from retrain.config import check_number
 
 API_KEY_ENV = "RETRAIN_API_KEY"
 DEFAULT_MAX_UPLOAD_MB = 10.0
@@ -72,7 +72,7 @@ class ServeConfig:
             value = getattr(self, f.name)
             if "range" in f.metadata and value is not None and (not names or f.name in names):
                 lo, hi, above = f.metadata["range"]
-                check_range(f"--{f.name.replace('_', '-')}", value, lo, hi, above=above)
+                check_number(f"--{f.name.replace('_', '-')}", value, lo, hi, above=above)
         return self
 
     def to_env(self) -> dict:
@@ -98,19 +98,6 @@ class ServeConfig:
         max_batch = self.max_batch or (4 if on_cpu else 32)
         wait_ms = (0.0 if on_cpu else 2.0) if self.batch_wait_ms is None else self.batch_wait_ms
         return max_batch, wait_ms / 1000
-
-
-def check_range(flag: str, value, lo, hi, *, above: bool = False) -> None:
-    """ConfigError unless lo <= value <= hi (lo < value with `above`); NaN and infinities never pass."""
-    try:
-        ok = math.isfinite(value) and (value > lo if above else value >= lo) and value <= hi
-    except TypeError:
-        ok = False
-    if not ok:
-        def fmt(x):
-            return f"{x:,}" if isinstance(x, int) else f"{x:g}"
-        low = f"above {fmt(lo)}" if above else f"at least {fmt(lo)}"
-        raise ConfigError(f"{flag} must be {low} and at most {fmt(hi)}, got {value}")
 
 
 def pixels(v: str) -> int:
