@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from retrain.errors import ConfigError
-from retrain.files import cache_root
+from retrain.files import cache_root, write_text_atomic
 
 if TYPE_CHECKING:
     from retrain.architectures import Backbone
@@ -130,18 +130,7 @@ class BottleneckCache:
             self.log(f"bottleneck cache {self.folder} was made differently: starting it afresh")
             for p in self.folder.glob("shard-*.npz"):
                 p.unlink(missing_ok=True)
-        self._atomic_write_text(meta_path, json.dumps(self.meta, indent=1, sort_keys=True))
-
-    @staticmethod
-    def _atomic_write_text(path: Path, text: str) -> None:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_text_atomic(meta_path, json.dumps(self.meta, indent=1, sort_keys=True))
 
     def _load(self) -> None:
         # A process killed mid-write leaves a .tmp- file, never a shard: clear old ones.

@@ -134,11 +134,12 @@ def agreement(P_ref: np.ndarray, P: np.ndarray, y: np.ndarray) -> dict:
 def _set_meta(path: Path, meta: dict) -> None:
     import onnx
 
-    from retrain.model import save_atomic, set_metadata
+    from retrain.files import save_onnx_atomic
+    from retrain.model import set_metadata
 
     m = onnx.load(str(path))
     set_metadata(m, meta)
-    save_atomic(m, path)
+    save_onnx_atomic(m, path)
 
 
 # --------------------------------------------------------------------------------- export

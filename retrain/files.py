@@ -54,6 +54,25 @@ def write_json_atomic(path, obj) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=1, default=str) + "\n")
 
 
+def save_onnx_atomic(model, path) -> Path:
+    """An onnx ModelProto saved to `path` through a temporary file and a rename, readable by
+    others as a plain file would be (mkstemp makes 0600; a model is meant to be shared)."""
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.close(fd)
+    try:
+        onnx.save(model, tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
 def _umask() -> int:
     m = os.umask(0)
     os.umask(m)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import numpy as np
 from retrain import __version__
 from retrain.config import MEAN_RANGE, STD_RANGE
 from retrain.errors import ModelError
+from retrain.files import save_onnx_atomic
 from retrain.run import MODEL as MODEL_FILE
 
 INPUT_SIZES = (16, 4096)  # pixels, as for --input_height / --input_width
@@ -236,23 +236,6 @@ def model_metadata(*, labels, backbone, metrics, output_name, extra=None) -> dic
     return meta
 
 
-def save_atomic(m, path: Path) -> None:
-    import onnx
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".onnx")
-    os.close(fd)
-    try:
-        onnx.save(m, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a model is meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def verify(model_path, x_uint8: np.ndarray, expected: np.ndarray, expected_novelty=None, *,
            tol: float = 2e-3) -> float:
     """Run the written model as a user outside retrain would (a plain InferenceSession, the
@@ -310,5 +293,5 @@ def write_model(path: Path, backbone, W, b, *, labels, metrics, output_name="fin
     set_metadata(m, model_metadata(labels=labels, backbone=backbone, metrics=metrics, output_name=output_name,
                                    extra=extra))
     onnx.checker.check_model(m)
-    save_atomic(m, Path(path))
+    save_onnx_atomic(m, Path(path))
     return verify(path, *check) if check is not None else 0.0

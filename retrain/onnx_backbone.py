@@ -36,9 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -322,20 +320,12 @@ def _summary(name: str, tensor: str, width: int, how: str, reduce: str, size: in
 
 
 def save_atomic(model, out: Path, sidecar: dict) -> None:
-    import onnx
+    """The features graph and, first, its sidecar out.json (what made it)."""
+    from retrain.files import save_onnx_atomic, write_json_atomic
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".part-", suffix=".onnx")
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        from retrain.files import write_json_atomic
-
-        write_json_atomic(out.with_suffix(".json"), sidecar)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_json_atomic(out.with_suffix(".json"), sidecar)
+    save_onnx_atomic(model, out)
 
 
 def safe_name(text: str) -> str:
