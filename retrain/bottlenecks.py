@@ -163,6 +163,9 @@ def plan_backbone(cfg, precision: str, *, log=None) -> tuple[Backbone, str]:
                       log=log, quiet=cfg.quiet)
     if cfg.fine_tune and not bb.can_fine_tune:
         raise bb.fine_tune_error()
+    if cfg.fine_tune and bb.train_size and getattr(cfg, "input_height", None) is None \
+            and getattr(cfg, "input_width", None) is None:
+        bb = bb.at_size(bb.train_size)  # fine-tuning trains the network at the side it was trained at
     if bb.kind == "torch" or precision == "fp32":
         return bb, precision
     try:

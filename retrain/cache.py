@@ -1,22 +1,39 @@
 """The bottleneck cache: each image's frozen features on disk, keyed by what produced them.
 
 Layout (one folder per backbone fingerprint, so weights, export code or preprocessing changes
-start a new one):
+start a new one; the folder name is retrain.store.folder_name, as a feature store's):
 
-    <cache_dir>/<backbone>-<fingerprint>/meta.json        what produced it
-    <cache_dir>/<backbone>-<fingerprint>/shard-*.npz      keys (n,16) uint8, feats (n,C) float32
-                                                          (float16 for fine-tuning activations),
-                                                          check = BLAKE2b of both
-Shards are written atomically, about one a second while features are computed and once more
-when extraction stops for any reason (Ctrl-C included), so kill -9 loses at most about the
-last second of work (the features added since the last shard, plus the batches still in the
-engine). A shard that fails its checksum or cannot be read is deleted and its images are
-recomputed. Many small shards are compacted into one on the next run.
+    <cache_dir>/<backbone>-<fingerprint>[-<precision>]/meta.json          what produced it
+    <cache_dir>/<backbone>-<fingerprint>[-<precision>]/shard-*.parquet    rows of the feature
+                                                                          store's format
+
+A shard is a Parquet file of the feature store's schema and write options (retrain.store_format,
+the one home of the format): key (16 bytes), path and label (null here: the cache is keyed by a
+file's bytes, not by where it lies or what it shows), features fixed_size_list<float32>[C]
+(float16 for fine-tuning activations), error. Every data page carries a CRC (for the store's
+readers), and the file's key-value metadata a BLAKE2b-256 of each row group's keys and features
+(store_format.table_digest): loading checks those, which covers every byte the CRCs would.
+Features are stored uncompressed, in row groups of about GROUP_BYTES, read memory-mapped by a
+few threads at once.
+
+Shards are written atomically (a temporary file, then a rename), about one a second while
+features are computed and once more when extraction stops for any reason (Ctrl-C included), so
+kill -9 loses at most about the last second of work (the features added since the last shard,
+plus the batches still in the engine). A shard that fails a checksum or cannot be read is
+deleted and its images are recomputed. Many small shards are compacted into one on the next run.
 
 Several processes may share one cache folder (two `retrain fit` at once): each writes its own
 shards, and compaction deletes only the shards the compacting process itself loaded or wrote,
 after their features are safely in the merged shard, never one written meanwhile by another.
 A cache folder that is full, read-only or not a folder is a ConfigError saying so.
+
+Older caches (meta.json schema 1) hold shard-*.npz files (keys (n,16) uint8, feats (n,C),
+check = BLAKE2b of both): on loading, the ones that pass their check are written as one Parquet
+shard and deleted once it is on disk, with one line saying so; damaged ones are deleted and
+their images recomputed.
+
+A cache folder is not a feature store for `retrain fit --features`: it has no paths or labels
+(those come from the photo folder, and `retrain fit DIR` reads the cache without recomputing).
 """
 
 from __future__ import annotations
@@ -28,6 +45,7 @@ import os
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,20 +53,34 @@ import numpy as np
 
 from retrain.errors import ConfigError
 from retrain.files import cache_root, write_text_atomic
+from retrain.store import ROW_GROUP_ROWS, folder_name
+from retrain.store_format import (
+    DIGEST_KEY,
+    WRITE_OPTIONS,
+    arrays_digest,
+    key_and_feature_arrays,
+    rows_table,
+    schema,
+    table_digest,
+)
 
 if TYPE_CHECKING:
     from retrain.architectures import Backbone
 
-CACHE_SCHEMA = 1
+CACHE_SCHEMA = 2  # 1: shard-*.npz (migrated when loaded), 2: shard-*.parquet
 COMPACT_OVER = 16  # shards
 SHARD_SECONDS = 1.0  # write computed features at least this often (what kill -9 can lose)
+SHARDS = ("shard-*.parquet", "shard-*.npz")  # this format's, and the one migrated from
+GROUP_BYTES = 32 * 1024**2  # features per row group, about: each is read and checked by a thread of its own
+READ_THREADS = 8
 
 
 def default_cache_dir() -> Path:
     return cache_root() / "bottlenecks"
 
 
-def _checksum(keys: np.ndarray, feats: np.ndarray) -> np.ndarray:
+def _npz_checksum(keys: np.ndarray, feats: np.ndarray) -> np.ndarray:
+    """The check of a schema-1 .npz shard: BLAKE2b-256 of its keys and features."""
     h = hashlib.blake2b(keys.tobytes(), digest_size=32)
     h.update(feats.tobytes())
     return np.frombuffer(h.digest(), dtype=np.uint8)
@@ -61,6 +93,14 @@ def key_of(digest_hex: str, variant: str = "") -> bytes:
     return hashlib.blake2b((digest_hex + "|" + variant).encode(), digest_size=16).digest()
 
 
+class _Vanished(Exception):
+    """A shard that was there when the folder was listed is gone: another process merged it."""
+
+
+def _raise_vanished():
+    raise _Vanished
+
+
 class BottleneckCache:
     """Features keyed by 16-byte keys, held in memory as a few contiguous arrays."""
 
@@ -70,13 +110,15 @@ class BottleneckCache:
         self.precision = precision
         self.dtype = np.dtype(dtype)
         self.dim = backbone.feature_dim
-        suffix = "" if precision == "fp32" else f"-{precision}"
         self.root = Path(cache_dir).expanduser()
-        self.folder = self.root / f"{backbone.name}-{backbone.fingerprint(precision)}{suffix}"
+        self.folder = self.root / folder_name(backbone, precision)
         self.log = log or (lambda m: None)
-        self.meta = {"schema": CACHE_SCHEMA, "backbone": backbone.name, "precision": precision,
+        self.meta = {"schema": CACHE_SCHEMA, "format": "parquet", "backbone": backbone.name, "precision": precision,
                      "fingerprint": backbone.fingerprint(precision), "preprocessing": backbone.preprocessing(),
                      "weights_sha256": backbone.sha256, "dtype": self.dtype.name, "dim": self.dim}
+        self._schema = schema(self.dim, self.dtype.name)
+        # rows per row group: at most the store's, and about GROUP_BYTES of features (read in parallel)
+        self.group_rows = max(1, min(ROW_GROUP_ROWS, GROUP_BYTES // (self.dim * self.dtype.itemsize)))
         self._arrays: list[np.ndarray] = []
         self._index: dict[bytes, tuple[int, int]] = {}
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []  # added, not yet on disk
@@ -126,11 +168,16 @@ class BottleneckCache:
             old = None
         if old == self.meta:
             return
-        if isinstance(old, dict):
+        older = {k: v for k, v in self.meta.items() if k != "format"} | {"schema": 1}  # the .npz format's
+        if isinstance(old, dict) and old != older:
             self.log(f"bottleneck cache {self.folder} was made differently: starting it afresh")
-            for p in self.folder.glob("shard-*.npz"):
-                p.unlink(missing_ok=True)
+            for pattern in SHARDS:
+                for p in self.folder.glob(pattern):
+                    p.unlink(missing_ok=True)
         write_text_atomic(meta_path, json.dumps(self.meta, indent=1, sort_keys=True))
+
+    def _shards(self) -> set[Path]:
+        return {p for pattern in SHARDS for p in self.folder.glob(pattern)}
 
     def _load(self) -> None:
         # A process killed mid-write leaves a .tmp- file, never a shard: clear old ones.
@@ -141,35 +188,130 @@ class BottleneckCache:
             except OSError:
                 pass
         seen: set[Path] = set()
-        for _ in range(8):  # again only where a shard vanished: another process compacted it meanwhile
-            vanished = False
-            for p in sorted(set(self.folder.glob("shard-*.npz")) - seen):
-                seen.add(p)
-                try:
-                    with np.load(p, allow_pickle=False) as z:
-                        keys, feats, check = z["keys"], z["feats"], z["check"]
-                    ok = (keys.ndim == 2 and keys.shape[1] == 16 and feats.shape == (len(keys), self.dim)
-                          and feats.dtype == self.dtype and np.array_equal(check, _checksum(keys, feats))
-                          and np.isfinite(feats).all())
-                except FileNotFoundError:  # merged into a newer shard by another process: read that
-                    vanished = True
-                    continue
-                except Exception:  # truncated zip, bad header, missing array: all mean "damaged"
-                    ok = False
-                if not ok:
-                    self.damaged += 1
-                    self.log(f"bottleneck cache shard {p.name} is damaged: recomputing its images")
+        npz: list[tuple[Path, np.ndarray, np.ndarray]] = []  # older shards to write as Parquet
+        pool = ThreadPoolExecutor(max_workers=max(1, min(READ_THREADS, os.cpu_count() or 1)))
+        try:
+            for _ in range(8):  # again only where a shard vanished: another process compacted it meanwhile
+                vanished = False
+                todo = sorted(self._shards() - seen)
+                seen.update(todo)
+                reads = [(p, self._read_npz_later(pool, p) if p.suffix == ".npz" else self._read_later(pool, p))
+                         for p in todo]
+                for p, result in reads:
                     try:
-                        p.unlink(missing_ok=True)
-                    except OSError:
-                        pass
-                    continue
-                self._add_array(keys, feats)
-                self._mine.add(p)
-            if not vanished:
-                break
+                        pieces = result()
+                    except _Vanished:  # merged into a newer shard by another process: read that
+                        vanished = True
+                        continue
+                    if pieces is None:
+                        self.damaged += 1
+                        self.log(f"bottleneck cache shard {p.name} is damaged: recomputing its images")
+                        try:
+                            p.unlink(missing_ok=True)
+                        except OSError:
+                            pass
+                        continue
+                    for keys, feats in pieces:
+                        self._add_array(keys, feats)
+                    if p.suffix == ".npz":
+                        npz.append((p, *pieces[0]))
+                    else:
+                        self._mine.add(p)
+                if not vanished:
+                    break
+        finally:  # (on Ctrl-C too: row groups not started yet are not read)
+            pool.shutdown(cancel_futures=True)
+        if npz:
+            self._migrate(npz)
         if len(self._mine) > COMPACT_OVER:
             self.compact()
+
+    def _read_later(self, pool, p: Path):
+        """Start reading a Parquet shard (its row groups in `pool`); returns a callable giving
+        [(keys, features)] (views of what was read, no copy), or None where the shard is
+        damaged: a footer that cannot be read, another schema, a row group that cannot be
+        decoded or does not match its BLAKE2b. Raises _Vanished where it is gone."""
+        import pyarrow.parquet as pq
+
+        try:
+            with pq.ParquetFile(p, memory_map=True) as pf:
+                ok = pf.schema_arrow.remove_metadata().equals(self._schema)
+                digests = (pf.metadata.metadata or {}).get(DIGEST_KEY, b"").decode().split(",")
+                ok = ok and len(digests) == pf.metadata.num_row_groups
+        except FileNotFoundError:
+            return _raise_vanished
+        except Exception:  # noqa: BLE001 - a cut footer, not Parquet at all: damaged
+            return _raise_vanished if not p.exists() else (lambda: None)
+        if not ok:
+            return lambda: None
+        groups = [pool.submit(self._read_group, p, g, d) for g, d in enumerate(digests)]
+
+        def result():
+            pieces = []
+            for f in groups:
+                got = f.result()  # raises _Vanished
+                if got is None:
+                    for rest in groups:
+                        rest.cancel()
+                    return None
+                pieces.append(got)
+            return pieces
+
+        return result
+
+    def _read_group(self, p: Path, g: int, digest: str):
+        """(keys, features) of the rows of one row group that have features, or None where it
+        cannot be decoded or does not match its digest. (The digest covers every byte that
+        matters, so the page CRCs, there for the store's readers, are not checked again.)"""
+        import pyarrow.parquet as pq
+
+        try:
+            with pq.ParquetFile(p, memory_map=True) as pf:
+                table = pf.read_row_group(g, columns=["key", "features"])
+            keys, parts = key_and_feature_arrays(table, self.dim)
+            if arrays_digest(keys, parts).hex() != digest:
+                return None
+        except FileNotFoundError:
+            raise _Vanished from None
+        except Exception:  # noqa: BLE001 - a page that cannot be decoded
+            if not p.exists():
+                raise _Vanished from None
+            return None
+        feats = np.concatenate([f for _r, f, _v in parts]) if len(parts) != 1 else parts[0][1]
+        valid = np.concatenate([v for _r, _f, v in parts]) if len(parts) != 1 else parts[0][2]
+        return (keys, feats) if valid.all() else (keys[valid], feats[valid])  # rows with no features: left out
+
+    def _read_npz_later(self, pool, p: Path):
+        f = pool.submit(self._read_npz, p)
+        return f.result
+
+    def _read_npz(self, p: Path):
+        """[(keys, features)] of a schema-1 shard, or None where it fails its check."""
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                keys, feats, check = z["keys"], z["feats"], z["check"]
+            ok = (keys.ndim == 2 and keys.shape[1] == 16 and feats.shape == (len(keys), self.dim)
+                  and feats.dtype == self.dtype and np.array_equal(check, _npz_checksum(keys, feats))
+                  and np.isfinite(feats).all())
+        except FileNotFoundError:
+            raise _Vanished from None
+        except Exception:  # noqa: BLE001 - truncated zip, bad header, missing array: all mean "damaged"
+            ok = False
+        return [(keys, feats)] if ok else None
+
+    def _migrate(self, npz: list) -> None:
+        """Write the features of the .npz shards that passed their check as one Parquet shard,
+        then delete them (only once it is on disk)."""
+        keys = np.concatenate([k for _p, k, _f in npz])
+        self._write_shard(keys, np.concatenate([f for _p, _k, f in npz]))
+        for p, _k, _f in npz:
+            try:
+                p.unlink(missing_ok=True)
+            except OSError as e:
+                raise self._error(e) from None
+        n = len(npz)
+        self.log(f"Bottleneck cache: migrated {n} .npz shard{'s' if n != 1 else ''} ({len(keys):,} features) "
+                 f"to Parquet in {self.folder}")
 
     def _add_array(self, keys: np.ndarray, feats: np.ndarray) -> None:
         a = len(self._arrays)
@@ -215,12 +357,18 @@ class BottleneckCache:
     def _write_shard(self, keys: np.ndarray, feats: np.ndarray) -> Path:
         """Write one shard atomically (a temporary file, then a rename); on any failure (a full
         disk) the temporary file is removed and nothing already there is touched."""
-        path = self.folder / f"shard-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.npz"
+        import pyarrow.parquet as pq
+
+        table = rows_table(self.dim, self.dtype.name, keys, None, None, feats)
+        rows = self.group_rows
+        table = table.replace_schema_metadata({DIGEST_KEY: ",".join(
+            table_digest(table.slice(r, rows), self.dim).hex() for r in range(0, len(table), rows))})
+        path = self.folder / f"shard-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
         tmp = None
         try:
-            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-", suffix=".npz")
+            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-", suffix=".parquet")
             with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, keys=keys, feats=feats, check=_checksum(keys, feats))
+                pq.write_table(table, fh, row_group_size=rows, **WRITE_OPTIONS)
             os.replace(tmp, path)
         except OSError as e:
             raise self._error(e) from None
@@ -232,7 +380,7 @@ class BottleneckCache:
 
     def shard_count(self) -> int:
         """Shards in the folder now (this process's and any other's)."""
-        return len(list(self.folder.glob("shard-*.npz")))
+        return len(self._shards())
 
     def compact_if_needed(self) -> None:
         """Compact after damage was found, or once there are more than COMPACT_OVER shards."""

@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 from retrain import images
-from retrain.errors import ModelError
+from retrain.errors import ConfigError, ModelError
 from retrain.model import read_metadata, resolve_model_path, validate_metadata
 
 
@@ -81,6 +81,11 @@ class Classifier:
                 width = shape[3] if isinstance(shape[3], int) and shape[3] > 0 else width
         self.height = int(input_height or height)
         self.width = int(input_width or width)
+        if len(shape) == 4:  # a graph of a fixed size takes only that size
+            for flag, given, fixed in (("--input_height", self.height, shape[2]), ("--input_width", self.width, shape[3])):
+                if isinstance(fixed, int) and fixed > 0 and given != fixed:
+                    raise ConfigError(f"{flag} {given}: {self.path} takes {shape[2]}x{shape[3]} images (its input "
+                                      f"is fixed); give {fixed} or leave the flag out")
         self.mean = input_mean if input_mean is not None else self.meta.get("mean", 128.0)
         self.std = input_std if input_std is not None else self.meta.get("std", 128.0)
         self.crop_fraction = float(self.meta.get("crop_fraction", 0.875))

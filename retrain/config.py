@@ -84,14 +84,20 @@ class FitConfig:
     input_std: str | None = opt(None, "ONNX backbone: pixels are then divided by this, a number or R,G,B, each "
                                 "1e-6 to 1e4 (default: the model's metadata, else ImageNet's 58.395,57.12,57.375)",
                                 "--input_std", metavar="STD")
-    input_height: int | None = opt(None, "ONNX backbone: input height in pixels (default: the graph's, else "
-                                   "224)", "--input_height", range=(16, 4096))
-    input_width: int | None = opt(None, "ONNX backbone: input width in pixels; retrain needs it equal to the "
-                                  "height (default: the graph's, else 224)", "--input_width", range=(16, 4096))
+    input_height: int | None = opt(None, "input height in pixels. ONNX backbone: default the graph's, else 224. "
+                                   "Built-in EfficientNet-Lite: any side 32-1024 (default: above the training size "
+                                   "for head-only fits, e.g. 288 for lite0, the training size with --fine-tune)",
+                                   "--input_height", range=(16, 4096))
+    input_width: int | None = opt(None, "input width in pixels; retrain needs it equal to the height",
+                                  "--input_width", range=(16, 4096))
     cache_dir: str | None = opt(None, "bottleneck cache folder (default: user cache folder)",
                                 "--bottleneck_dir")
     features: str | None = opt(None, "train from a feature store made by retrain embed (a folder or a URI such "
                                "as s3://...), with no photos; in place of IMAGE_DIR", metavar="STORE")
+    ray: str | None = opt(None, "compute the bottlenecks missing from the cache on a Ray cluster (its head's "
+                          "HOST:PORT, e.g. 10.0.0.5:6379; auto: the cluster this machine belongs to), into the cache; "
+                          "the rest of fit runs here. Every node needs retrain[ray] and the photos at the same paths",
+                          metavar="ADDRESS")
     batch_size: int = opt(8, "images per backbone batch when computing bottlenecks (8 is fastest on a CPU)",
                      range=(1, 1024))
     bottleneck_precision: str = opt("auto", "auto: bf16 on CPUs with bf16 units (AMX, AVX-512 BF16; "
@@ -173,8 +179,12 @@ class FitConfig:
     epochs: int = opt(8, "fine-tuning epochs (fewer when validation stops improving in the second half)",
                      range=(1, 1000))
     resume: bool = opt(False, "continue an interrupted --fine-tune from its checkpoint")
-    fine_tune_fp32: bool = opt(False, "fine-tune in float32 even where the CPU has bf16 (slower; "
-                                "the bottlenecks' precision is --bottleneck-precision)", "--fp32")
+    fine_tune_bf16: bool = opt(False, "fine-tune with bf16 autocast on CPUs with bf16 units (AMX, AVX-512 BF16). "
+                                "Off by default: float32 trained as fast on 2 cores and rounds alike on every "
+                                "machine (BENCHMARKS.md, issue 15)", "--bf16")
+    nproc: int = opt(1, "--fine-tune on N processes (PyTorch DDP: gloo on CPU, NCCL on GPUs), each with cores/N "
+                     "threads and its share of every batch; the same recipe and result as one process",
+                     range=(1, 64))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -13,6 +13,12 @@ Ray's own checkpointing is not used (its filter actor takes a whole CPU and dead
 on 2 cores); read and write tasks take 0.25 CPU each and the actors leave CPUs free for them
 (a dataset whose actors hold every CPU hangs: ray-project/ray#44687).
 
+`retrain fit DIR --ray ADDRESS` (bottlenecks_ray): fit's scan and plan as without --ray, then the
+photos missing from the bottleneck cache go through the same read -> actors pipeline, each actor
+running the driver's own features graph (sent with it: same backbone fingerprint, same
+precision), and their features come back to the driver, straight into the cache, so that a
+later fit without --ray finds them there. The rest of fit runs on the driver.
+
 A Ray cluster has no authentication and its head listens on every interface: it belongs on a
 private network (README, "More than one machine").
 """
@@ -43,12 +49,46 @@ def need_ray():
     return ray
 
 
+def check_address(address: str) -> None:
+    """Fail now, in one line, where nothing answers at the cluster's address (ray.init would wait
+    minutes for it): a TCP connection to the head's port, nothing sent. `auto` is looked up as
+    Ray does (RAY_ADDRESS, then the cluster this machine started last); ray:// is left to Ray."""
+    import socket
+
+    need_ray()
+    if "://" in address:
+        return
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        where = canonicalize_bootstrap_address(address)
+    except ConnectionError:
+        raise ConfigError(f"no Ray cluster found for --ray {address}: start one with ray start --head, or give "
+                          f"its head's address (HOST:PORT)") from None
+    except ValueError:
+        raise ConfigError(f"--ray expects the Ray head's HOST:PORT (e.g. 10.0.0.5:6379) or auto, got "
+                          f"'{address}'") from None
+    except Exception:  # noqa: BLE001 - Ray's private helper moved: ray.init says what is wrong
+        return
+    if not where or ":" not in where:
+        return
+    host, port = where.rsplit(":", 1)
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=10):
+            pass
+    except (OSError, ValueError) as e:
+        why = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        raise ConfigError(f"no Ray cluster at {address}: nothing answers at {where} ({why}); start one with "
+                          f"ray start --head, or give its head's address") from None
+
+
 def connect(address: str, *, log=None):
     """ray.init on an existing cluster. A loopback address (tests: 127.0.0.2) makes the driver use
     that address as its own too, so every byte stays on loopback."""
     ray = need_ray()
     if ray.is_initialized():
         return ray
+    check_address(address)
     host = address.rsplit(":", 1)[0] if ":" in address else address
     kw = {}
     try:
@@ -78,6 +118,24 @@ def list_photos(image_dir) -> tuple[str, list[tuple[str, str]], list[dict]]:
     return str(root), rows, walk.skipped
 
 
+def _pool_size(ray, actors: int | None, actor_cpus: float) -> tuple[int, float, int]:
+    """(actors, cluster CPUs, nodes): `actors`, or as many as fit while leaving at least IO_CPUS
+    per node for reading and writing (ray-project/ray#44687)."""
+    cpus = ray.cluster_resources().get("CPU", 1)
+    nodes = max(1, sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU")))
+    return actors or max(1, int((cpus - nodes * 2 * IO_CPUS) // actor_cpus)), cpus, nodes
+
+
+def _engine(bb, path, precision: str, batch: int, threads: int):
+    """An actor's feature engine, as retrain.bottlenecks.feature_session makes it on one machine."""
+    from retrain.runtime import OnnxEngine, make_session, openvino_session
+
+    if precision == "bf16":
+        return openvino_session(path, precision="bf16", size=bb.image_size, mean=bb.mean, std=bb.std,
+                                batch=batch, threads=threads)
+    return OnnxEngine(make_session(path, provider="cpu", threads=threads))
+
+
 class Embedder:
     """A Ray Data actor: one feature session, called on batches of {bytes, path} rows; returns the
     store's rows (pyarrow), with an error instead of features for a photo that cannot be read."""
@@ -85,17 +143,11 @@ class Embedder:
     def __init__(self, architecture: str, precision: str, dtype: str, root: str, batch: int, cpus: float):
         from retrain.architectures import get_backbone
         from retrain.features import features_onnx
-        from retrain.runtime import OnnxEngine, make_session, openvino_session
 
         self.bb = get_backbone(architecture)
         self.dtype, self.root, self.batch = dtype, root, batch
         self.threads = max(1, int(cpus))
-        path = features_onnx(self.bb, precision=precision)
-        if precision == "bf16":
-            self.engine = openvino_session(path, precision="bf16", size=self.bb.image_size, mean=self.bb.mean,
-                                           std=self.bb.std, batch=batch, threads=self.threads)
-        else:
-            self.engine = OnnxEngine(make_session(path, provider="cpu", threads=self.threads))
+        self.engine = _engine(self.bb, features_onnx(self.bb, precision=precision), precision, batch, self.threads)
 
     def label_of(self, path: str) -> str:
         rel = os.path.relpath(path, self.root)
@@ -152,11 +204,7 @@ def embed_ray(image_dir, out, *, address: str, architecture: str = "efficientnet
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = not quiet
         ctx.verbose_progress = False
-        cpus = ray.cluster_resources().get("CPU", 1)
-        nodes = max(1, sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU")))
-        # Leave at least IO_CPUS per node for reading and writing (ray-project/ray#44687).
-        fit = int((cpus - nodes * 2 * IO_CPUS) // actor_cpus)
-        n_actors = actors or max(1, fit)
+        n_actors, cpus, nodes = _pool_size(ray, actors, actor_cpus)
         per_block = max(8, min(256, len(todo) // max(1, 4 * n_actors)))
         t0 = time.perf_counter()
         ds = ray.data.read_binary_files([p for p, _ in todo], include_paths=True, num_cpus=IO_CPUS,
@@ -181,6 +229,180 @@ def embed_ray(image_dir, out, *, address: str, architecture: str = "efficientnet
             "images_per_second": round(len(todo) / seconds, 1) if todo and seconds > 0 else None,
             "precision": precision, "dtype": store.dtype, "rows": len(store), "ray": address,
             "total_s": round(time.perf_counter() - t_start, 3)}
+
+
+# ------------------------------------------------------------------------------ fit --ray
+
+class FitEmbedder(Embedder):
+    """fit --ray's actor: the driver's features graph (its bytes, sent with the actor: no node
+    needs the backbone's weights, torch or the ONNX file it was cut from), run as
+    retrain.bottlenecks.feature_session runs it; rows as Embedder's, in float32 like the cache.
+    A node whose runtime would make other features than the driver's (another OpenVINO for bf16,
+    another ONNX Runtime for int8, no bf16 units) is refused: its features would be cached under
+    the driver's fingerprint."""
+
+    def __init__(self, backbone, graph: bytes, precision: str, fingerprint: str, batch: int, cpus: float):
+        import socket
+        import tempfile
+
+        from retrain.runtime import cpu_has_bf16
+
+        try:
+            import ray
+
+            node = ray.util.get_node_ip_address()
+        except Exception:  # noqa: BLE001 - only for the message
+            node = socket.gethostname()
+        if backbone.fingerprint(precision) != fingerprint:
+            raise ConfigError(f"the Ray node {node} would compute other {precision} bottlenecks than this machine "
+                              f"(another {'OpenVINO' if precision == 'bf16' else 'ONNX Runtime'}): install the "
+                              "same versions on every node, or pass --bottleneck-precision fp32")
+        if precision == "bf16" and not cpu_has_bf16():
+            raise ConfigError(f"the Ray node {node} has no bf16 units (AMX, AVX-512 BF16), which this machine's "
+                              "bf16 bottlenecks need: pass --bottleneck-precision fp32")
+        self.bb, self.dtype, self.root, self.batch = backbone, "float32", "/", batch
+        self.threads = max(1, int(cpus))
+        self.tmp = tempfile.TemporaryDirectory(prefix="retrain-fit-")
+        path = os.path.join(self.tmp.name, "features.onnx")
+        with open(path, "wb") as f:
+            f.write(graph)
+        self.engine = _engine(backbone, path, precision, batch, self.threads)
+
+
+def bottlenecks_ray(items, backbone, cache, *, address: str, precision: str, batch_size: int = 8,
+                    actors: int | None = None, actor_cpus: float = 1.0, quiet: bool = True,
+                    log=None) -> tuple[dict[str, str], dict]:
+    """`retrain fit DIR --ray ADDRESS`: the bottlenecks of `items` (scan's, hashed) that are not
+    in `cache` computed on the cluster and added to the cache (flushed as they come, so a rerun
+    after a crash computes only the rest). Identical files are computed once.
+
+    Returns ({path: reason} for every item whose photo the cluster could not read, as the local
+    pipeline words it; timing). A cluster that fails (a node cannot read the photos' paths) is a
+    ConfigError in one line; what came back before is kept in the cache."""
+    from retrain.cache import key_of, missing
+    from retrain.progress import Log
+
+    log = log or Log.silent()
+    keys = [key_of(it.digest) for it in items]
+    todo = missing(keys, cache)
+    timing = {"address": address, "computed": 0, "cached": len(keys) - len(todo)}
+    bad: dict[bytes, str] = {}  # the key of a photo that could not be read: why
+    paths = []
+    for j in todo:
+        if os.path.isfile(items[j].path):
+            paths.append(items[j].path)
+        else:  # gone since the scan: skipped as without --ray (Ray Data would fail the whole job)
+            bad[keys[j]] = "file not found"
+    if paths:
+        timing.update(_compute_on_cluster(paths, {items[j].path: keys[j] for j in todo}, backbone, cache, bad,
+                                          address=address, precision=precision, batch_size=batch_size,
+                                          actors=actors, actor_cpus=actor_cpus, quiet=quiet, log=log))
+    timing["failed"] = len(bad)
+    return {it.path: bad[k] for it, k in zip(items, keys) if k in bad}, timing
+
+
+def _compute_on_cluster(paths, key_at, backbone, cache, bad, *, address, precision, batch_size, actors, actor_cpus,
+                        quiet, log) -> dict:
+    """bottlenecks_ray's Ray Data job: read -> FitEmbedder actors -> back to the driver, into
+    `cache`; the reasons of photos that could not be read into `bad`. Returns its timing."""
+    from retrain.features import features_onnx
+    from retrain.progress import bar
+
+    ray = connect(address, log=log)
+    _mute_ray_console()
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the driver's own bar counts what came back
+    ctx.verbose_progress = False
+    n_actors, cpus, nodes = _pool_size(ray, actors, actor_cpus)
+    graph = features_onnx(backbone, precision=precision, log=log).read_bytes()
+    per_block = max(8, min(256, len(paths) // max(1, 4 * n_actors)))
+    log(f"Bottlenecks: {len(paths)} to compute on the Ray cluster at {address} ({n_actors} actor"
+        f"{'s' if n_actors > 1 else ''} of {actor_cpus:g} CPU; {cpus:g} CPUs on {nodes} node"
+        f"{'s' if nodes > 1 else ''})")
+    t0 = time.perf_counter()
+    try:
+        ds = ray.data.read_binary_files(paths, include_paths=True, num_cpus=IO_CPUS,
+                                        override_num_blocks=max(1, -(-len(paths) // per_block)))
+        ds = ds.map_batches(FitEmbedder, batch_size=per_block, batch_format="numpy", num_cpus=actor_cpus,
+                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_actors),
+                            fn_constructor_kwargs={"backbone": backbone, "graph": graph, "precision": precision,
+                                                   "fingerprint": backbone.fingerprint(precision),
+                                                   "batch": batch_size, "cpus": actor_cpus})
+        with bar(total=len(paths), desc="Bottlenecks (Ray)", unit="img", quiet=quiet) as pbar:
+            for t in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                got = _rows_back(t, cache.dim, key_at)
+                cache.add(got["keys"], got["feats"])
+                bad.update(got["bad"])
+                pbar.update(t.num_rows)
+    except Exception as e:  # noqa: BLE001 - a failed task or actor, or the cache (a full disk): one line
+        raise ConfigError(_cluster_failed(address, e)) from None
+    finally:
+        cache.flush()  # what came back is kept, whatever stopped the run
+    seconds = time.perf_counter() - t0
+    log(f"Bottlenecks: {len(paths)} computed on the Ray cluster in {seconds:.1f} s "
+        f"({len(paths) / max(seconds, 1e-9):.0f} images/s)")
+    return {"computed": len(paths), "seconds": round(seconds, 3), "actors": n_actors, "nodes": nodes,
+            "images_per_second": round(len(paths) / seconds, 1) if seconds > 0 else None}
+
+
+def _mute_ray_console() -> None:
+    """fit says what happened on the cluster in its own lines (and a failure in one): Ray's console
+    messages are muted in this process (Ray Data's INFO lines, its tracebacks, the raylet's task
+    errors it would print on stdout, where fit's summary line goes). Ray's log files keep them all."""
+    import logging
+
+    for h in logging.getLogger("ray.data").handlers:
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+            h.setLevel(logging.CRITICAL)
+    logging.getLogger("ray").setLevel(logging.CRITICAL)
+    try:
+        import ray._private.worker as ray_worker
+
+        ray_worker._worker_logs_enabled = False  # also the switch of print_to_stdstream (Ray 2.60)
+    except (ImportError, AttributeError):
+        pass
+
+
+def _rows_back(table, dim: int, key_at: dict) -> dict:
+    """The features and errors of a batch of FitEmbedder's rows: keys and (n, dim) float32 of the
+    rows that have features, and {the driver's key of the path: reason} for those that do not."""
+    import pyarrow.compute as pc
+
+    errors = table.column("error").to_pylist()
+    bad = {}
+    for p, e in zip(table.column("path").to_pylist(), errors):
+        if e is not None and p in key_at:
+            bad[key_at[p]] = e
+    ok = table.filter(pc.is_null(table.column("error")))
+    feats = ok.column("features").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return {"keys": [bytes(k) for k in ok.column("key").to_pylist()],
+            "feats": np.asarray(feats, np.float32).reshape(ok.num_rows, dim), "bad": bad}
+
+
+def _cluster_failed(address: str, e: Exception) -> str:
+    """One line for a failed Ray job: a retrain error raised on a node (FitEmbedder's refusal)
+    as it is, else the error under Ray's wrappers, with what to check."""
+    from ray.exceptions import RayError
+
+    from retrain.errors import RetrainError
+
+    found, todo = [], [e]
+    while todo and len(found) < 32:  # Ray keeps the original in .cause, in args, or as __cause__
+        x = todo.pop(0)
+        if any(x is f for f in found):
+            continue
+        found.append(x)
+        todo += [c for c in (getattr(x, "cause", None), *getattr(x, "args", ()), x.__cause__, x.__context__)
+                 if isinstance(c, BaseException)]
+    for x in found:
+        if isinstance(x, RetrainError) and not isinstance(x, RayError):
+            return str(x)
+    theirs = [x for x in found if not type(x).__module__.startswith("ray")]
+    cause = theirs[0] if theirs else e
+    lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
+    what = f"{type(cause).__name__}: {lines[-1] if lines else ''}".strip().rstrip(":")[:240]
+    return (f"the Ray job on {address} failed ({what}): every node needs retrain installed and the photos at "
+            "the same paths (a shared mount)")
 
 
 # ------------------------------------------------------------------------------ label --out / --ray
@@ -297,9 +519,7 @@ def label_to_store(model, paths: list[str], out, *, address: str | None = None, 
     if todo and address:
         ray = connect(address, log=log)
         ray.data.DataContext.get_current().enable_progress_bars = not quiet
-        cpus = ray.cluster_resources().get("CPU", 1)
-        nodes = max(1, sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU")))
-        n_actors = actors or max(1, int((cpus - nodes * 2 * IO_CPUS) // actor_cpus))
+        n_actors, _, _ = _pool_size(ray, actors, actor_cpus)
         per_block = max(8, min(256, len(todo) // max(1, 4 * n_actors)))
         ds = ray.data.read_binary_files(todo, include_paths=True, num_cpus=IO_CPUS,
                                         override_num_blocks=max(1, -(-len(todo) // per_block)))

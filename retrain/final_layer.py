@@ -81,7 +81,8 @@ def fine_tune_backbone(plan: Plan, data: Data, head: Head, train_info: dict, log
     """Train the last backbone blocks with the head (retrain.finetune), starting from `head`.
     Replaces data.X by the fine-tuned features. Returns (the new head, FineTuneResult)."""
     from retrain import augment
-    from retrain.finetune import DEFAULT_DISTORTIONS, DEFAULT_VIEWS, fine_tune
+    from retrain.finetune import DEFAULT_DISTORTIONS, DEFAULT_VIEWS
+    from retrain.finetune_ddp import fine_tune  # retrain.finetune's, its epochs in --nproc processes
 
     t0 = time.perf_counter()
     W0, b0 = head.folded()

@@ -3,8 +3,9 @@
 Why it is fast on a CPU: the frozen prefix (stem + the first blocks) is run once per image
 and view with ONNX Runtime, and its activations are cached like bottlenecks (float16, keyed
 by image digest, split point and view). Each epoch then runs only the unfrozen tail in
-PyTorch (by default the last 8 blocks, at 14x14 and 7x7), with bf16 autocast on CPUs that
-have native bf16 (AMX / AVX-512 BF16), CUDA when present.
+PyTorch (by default the last 8 blocks, at 14x14 and 7x7), in float32 on a CPU (bf16 autocast
+with --fine-tune-bf16: no faster on 2 cores, and its rounding differs between Intel AMX and
+AMD AVX-512 BF16 kernels; BENCHMARKS.md, issue 15), CUDA with bf16 autocast when present.
 
 Recipe (chosen on the flowers' validation split; BENCHMARKS.md): AdamW, the tail at half the
 head's learning rate, linear warm-up then cosine decay, label smoothing, manifold mixup of the
@@ -18,7 +19,8 @@ without improvement. A checkpoint (torch.save of tensors only) is written after 
 The result is exported as the same self-contained ONNX model as a head-only fit: the whole
 backbone with the fine-tuned weights, plus the head. The split of the backbone (prefix, tail,
 the cached activations, the export) is retrain.backbone_split; fine_tune() and its stages are
-here. Both import torch only when they run.
+here. Both import torch only when they run. `--nproc N` runs the same epoch loop (train_epochs)
+in N processes, each on its share of every batch: retrain.finetune_ddp.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def _signature(cfg, start, k, n_train, views, distortions) -> str:
     d = {"schema": CHECKPOINT_SCHEMA, "architecture": cfg.architecture, "start": start, "k": k,
          "n_train": n_train, "views": views, "distortions": distortions.tag() if distortions else "",
          "epochs": cfg.epochs, "lr": cfg.learning_rate, "seed": cfg.seed,
-         "class_weights": cfg.class_weights, "image_dir": os.path.abspath(cfg.image_dir or "")}
+         "class_weights": cfg.class_weights, "bf16": cfg.fine_tune_bf16, "image_dir": os.path.abspath(cfg.image_dir or "")}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -90,25 +92,25 @@ def lr_at(step: int, total: int, warmup: int) -> float:
 
 
 def fine_tune(cfg, bb, items, y, parts, *, W0, b0, views=0, distortions=None, cache_dir,
-              checkpoint: Path, log=None) -> FineTuneResult:
+              checkpoint: Path, log=None, run_epochs=None) -> FineTuneResult:
     """Fine-tune the last `cfg.unfreeze` blocks and the head (initialised at W0, b0) on the
-    cached activations of the frozen part; keep the best epoch on validation."""
+    cached activations of the frozen part; keep the best epoch on validation.
+
+    run_epochs: what runs the epoch loop on the Loop and returns (best, history): train_epochs
+    here (the default), or retrain.finetune_ddp's launcher, which runs the same train_epochs
+    in --nproc processes."""
     from retrain.progress import Log
 
     log = log or Log.silent()
     if not getattr(bb, "can_fine_tune", True):
         raise bb.fine_tune_error()  # a foreign ONNX backbone: head-only
     torch = _torch()
-    from retrain.features import build_torch
 
     torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
     torch.set_num_threads(os.cpu_count() or 1)
     device = pick_device(cfg.provider)
-    model = build_torch(bb)
-    start = split_point(model, cfg.unfreeze)
-    net = Trainable.build(model, start, W0, b0, device)
-    log(f"Fine-tuning: blocks {start}-{len(model._blocks) - 1} and the head unfrozen, on {device}")
+    net, start, n_blocks = build_net(bb, cfg.unfreeze, W0, b0, device)
+    log(f"Fine-tuning: blocks {start}-{n_blocks - 1} and the head unfrozen, on {device}")
     centre, vws, shape, t_act = prefix_activations(
         items, bb, start, cache_dir, views=views, distortions=distortions, view_items=parts["train"],
         provider=cfg.provider, batch_size=cfg.batch_size, workers=cfg.workers or None, quiet=cfg.quiet, log=log)
@@ -116,22 +118,77 @@ def fine_tune(cfg, bb, items, y, parts, *, W0, b0, views=0, distortions=None, ca
         log(f"Frozen-part activations: {t_act['computed']} computed in {t_act.get('seconds', 0):.1f} s, "
             f"{t_act['cached']} from cache")
     data = ActivationData.build(centre, vws, shape, y, parts, device)
-    use_bf16 = device == "cpu" and _cpu_has_bf16() and not cfg.fine_tune_fp32
-    amp = autocast(device, use_bf16)
     k = int(W0.shape[1])
-    opt, head_lr = make_optimizer(net, cfg)
-    loss_fn = make_loss(cfg, y[parts["train"]], k, device)
-    sched = Schedule.of(cfg.epochs, len(parts["train"]))
     sig = _signature(cfg, start, k, len(parts["train"]), views, distortions)
+    loop = make_loop(cfg, net, data, sig, checkpoint, device, log)
+    best, history = (run_epochs or train_epochs)(loop)
 
-    acc0, ce0 = validate(net, data, amp)
+    # The best epoch on validation, in fp32, gives the features of every image.
+    net.tail.load_state_dict(best["tail"])
+    net.head.load_state_dict(best["head"])
+    feats = pooled_features(net, centre, shape, W0.shape[0])
+    W = net.head.weight.detach().cpu().numpy().T.astype(np.float32)
+    b = net.head.bias.detach().cpu().numpy().astype(np.float32)
+    info = {"unfreeze": cfg.unfreeze, "first_unfrozen_block": start, "device": device,
+            "precision": "bf16 autocast" if loop.bf16 else "fp32", "epochs_run": len(history),
+            "best_epoch": best["epoch"], "head_learning_rate": loop.head_lr,
+            "tail_learning_rate": loop.head_lr * TAIL_LR_FACTOR, "weight_decay": WEIGHT_DECAY,
+            "label_smoothing": LABEL_SMOOTHING, "mixup_alpha": MIXUP_ALPHA, "dropout": DROPOUT,
+            "batch_size": BATCH, "patience": PATIENCE,
+            "activations": t_act, "views_per_image": views}
+    return FineTuneResult({n: t.cpu() for n, t in best["tail"].items()}, W, b, feats, start, history, info)
+
+
+@dataclasses.dataclass
+class Loop:
+    """What the epoch loop (train_epochs) works on: in this process, or in one of the --nproc
+    processes (retrain.finetune_ddp), where `rank` of `world` says which, net.ddp averages the
+    gradients, and each process trains on its share of the rows of every batch."""
+
+    cfg: object
+    net: Trainable
+    data: ActivationData
+    opt: object
+    loss_fn: object
+    amp: object  # the autocast context factory
+    sched: Schedule
+    sig: str  # the checkpoint's signature (data and settings)
+    checkpoint: Path
+    device: str
+    log: object
+    bf16: bool
+    head_lr: float
+    rank: int = 0
+    world: int = 1
+
+
+def make_loop(cfg, net, data, sig: str, checkpoint: Path, device: str, log, *, rank: int = 0,
+              world: int = 1) -> Loop:
+    """The optimizer, loss, schedule and precision of a fine-tune of `net` on `data`."""
+    use_bf16 = device == "cpu" and cfg.fine_tune_bf16 and _cpu_has_bf16()
+    opt, head_lr = make_optimizer(net, cfg)
+    loss_fn = make_loss(cfg, data.ytr.cpu().numpy(), int(net.head.out_features), device)
+    sched = Schedule.of(cfg.epochs, len(data.pool))
+    return Loop(cfg, net, data, opt, loss_fn, autocast(device, use_bf16), sched, sig, Path(checkpoint), device,
+                log, use_bf16, head_lr, rank, world)
+
+
+def train_epochs(loop: Loop) -> tuple[dict, list]:
+    """The epoch loop: train, validate, keep the best epoch, stop early, write the checkpoint
+    (rank 0), or resume from it. The same in every process of --nproc: the validation scores
+    are rank 0's, so every process takes the same decisions. Returns (best, history)."""
+    torch = _torch()
+    cfg, net, data, log, amp = loop.cfg, loop.net, loop.data, loop.log, loop.amp
+    ranks = {"rank": loop.rank, "world": loop.world}
+    rng = np.random.default_rng(cfg.seed)  # the same on every rank: one shared order of the photos
+    acc0, ce0 = validate(net, data, amp, **ranks)
     best, history, epoch0 = snapshot(net, 0, acc0, ce0), [], 0
     log(f"  before fine-tuning: validation accuracy {acc0:.1%} (calibrated cross entropy {ce0:.4f})")
     if cfg.resume:
-        best, history, epoch0 = resume(checkpoint, sig, net, opt, device)
+        best, history, epoch0 = resume(loop.checkpoint, loop.sig, net, loop.opt, loop.device)
         rng = np.random.default_rng([cfg.seed, epoch0])
-        torch.manual_seed(cfg.seed + epoch0)
-        log(f"  resumed after epoch {epoch0} from {checkpoint}")
+        torch.manual_seed(cfg.seed + epoch0 + 1_000_003 * loop.rank)  # dropout: other masks on each rank
+        log(f"  resumed after epoch {epoch0} from {loop.checkpoint}")
 
     # Early stopping counts only in the second half: warm-up, mixup and dropout make the first
     # epochs look worse than the initial head on validation (measured on the flowers).
@@ -142,8 +199,9 @@ def fine_tune(cfg, bb, items, y, parts, *, W0, b0, views=0, distortions=None, ca
             log(f"  stopping early: no better calibrated validation cross entropy for {PATIENCE} epochs")
             break
         t0 = time.perf_counter()
-        train_loss = train_one_epoch(net, data, opt, loss_fn, amp, sched, epoch, rng, quiet=cfg.quiet)
-        acc, ce = validate(net, data, amp)
+        train_loss = train_one_epoch(net, data, loop.opt, loop.loss_fn, amp, loop.sched, epoch, rng,
+                                     quiet=cfg.quiet or loop.rank > 0, **ranks)
+        acc, ce = validate(net, data, amp, **ranks)
         h = {"epoch": epoch, "train_loss": round(train_loss, 5), "validation_accuracy": acc,
              "validation_calibrated_cross_entropy": ce, "seconds": round(time.perf_counter() - t0, 2)}
         history.append(h)
@@ -153,22 +211,10 @@ def fine_tune(cfg, bb, items, y, parts, *, W0, b0, views=0, distortions=None, ca
             best, stale = snapshot(net, epoch, acc, ce), 0
         elif epoch >= first_counted:
             stale += 1
-        save_checkpoint(checkpoint, sig=sig, epoch=epoch, net=net, opt=opt, best=best, history=history)
-
-    # The best epoch on validation, in fp32, gives the features of every image.
-    net.tail.load_state_dict(best["tail"])
-    net.head.load_state_dict(best["head"])
-    feats = pooled_features(net, centre, shape, W0.shape[0])
-    W = net.head.weight.detach().cpu().numpy().T.astype(np.float32)
-    b = net.head.bias.detach().cpu().numpy().astype(np.float32)
-    info = {"unfreeze": cfg.unfreeze, "first_unfrozen_block": start, "device": device,
-            "precision": "bf16 autocast" if use_bf16 else "fp32", "epochs_run": len(history),
-            "best_epoch": best["epoch"], "head_learning_rate": head_lr,
-            "tail_learning_rate": head_lr * TAIL_LR_FACTOR, "weight_decay": WEIGHT_DECAY,
-            "label_smoothing": LABEL_SMOOTHING, "mixup_alpha": MIXUP_ALPHA, "dropout": DROPOUT,
-            "batch_size": BATCH, "patience": PATIENCE,
-            "activations": t_act, "views_per_image": views}
-    return FineTuneResult({n: t.cpu() for n, t in best["tail"].items()}, W, b, feats, start, history, info)
+        if loop.rank == 0:
+            save_checkpoint(loop.checkpoint, sig=loop.sig, epoch=epoch, net=net, opt=loop.opt, best=best,
+                            history=history)
+    return best, history
 
 
 # ------------------------------------------------------------------------ the stages of fine_tune
@@ -187,6 +233,11 @@ class Trainable:
     drop: object
     head: object
     device: str
+    ddp: object = None  # in a process of --nproc: the three in DistributedDataParallel (retrain.finetune_ddp)
+
+    def __call__(self, x):
+        """The training forward pass (through DDP, which averages the gradients, under --nproc)."""
+        return self.ddp(x) if self.ddp is not None else self.head(self.drop(self.tail(x)))
 
     @classmethod
     def build(cls, model, start: int, W0, b0, device: str) -> "Trainable":
@@ -199,6 +250,29 @@ class Trainable:
             head.weight.copy_(torch.from_numpy(np.ascontiguousarray(W0.T)))
             head.bias.copy_(torch.from_numpy(np.ascontiguousarray(b0)))
         return cls(tail, drop, head, device)
+
+
+def build_net(bb, unfreeze: int, W0, b0, device: str):
+    """The backbone's tail from block split_point(unfreeze) and the head at (W0, b0).
+    Returns (Trainable, the first unfrozen block, the number of blocks)."""
+    from retrain.features import build_torch
+
+    model = build_torch(bb)
+    start = split_point(model, unfreeze)
+    return Trainable.build(model, start, W0, b0, device), start, len(model._blocks)
+
+
+def batch_share(m: int, rank: int, world: int):
+    """This process's rows of a batch of m under --nproc: (slice, number of rows, loss weight).
+    The weight (its rows x world / m) makes DDP's average of the gradients that of the whole
+    batch's mean loss; a process with no row trains on one at weight 0, so that every process
+    takes part in each gradient average."""
+    if world <= 1:
+        return slice(None), m, 1.0
+    lo, hi = rank * m // world, (rank + 1) * m // world
+    if hi == lo:
+        return slice(0, 1), 0, 0.0
+    return slice(lo, hi), hi - lo, (hi - lo) * world / m
 
 
 @dataclasses.dataclass
@@ -271,9 +345,13 @@ def make_loss(cfg, ytr: np.ndarray, k: int, device: str):
 
 
 def train_one_epoch(net: Trainable, data: ActivationData, opt, loss_fn, amp, sched: Schedule, epoch: int,
-                    rng, *, quiet: bool = False) -> float:
+                    rng, *, quiet: bool = False, rank: int = 0, world: int = 1) -> float:
     """One pass over the training photos (one random cached view each, manifold mixup).
-    Returns the mean training loss."""
+    Returns the mean training loss.
+
+    Under --nproc every process draws the same random numbers (the same `rng` seed): the same
+    order, views and mixing of each batch of BATCH photos, of which it trains on its share
+    (batch_share); the others train on the rest of the same batch."""
     torch = _torch()
     from retrain.progress import bar
 
@@ -292,40 +370,71 @@ def train_one_epoch(net: Trainable, data: ActivationData, opt, loss_fn, amp, sch
             net.device, memory_format=torch.channels_last)
         yb = data.ytr[idx]
         lam = float(rng.beta(MIXUP_ALPHA, MIXUP_ALPHA)) if MIXUP_ALPHA > 0 else 1.0
+        yb2 = yb
         if lam < 1.0:  # mix each activation map with another image's; the loss mixes labels alike
             perm = torch.from_numpy(rng.permutation(len(idx))).to(net.device)
             xb = lam * xb + (1 - lam) * xb[perm]
+            yb2 = yb[perm]
+        mine, rows, weight = batch_share(len(idx), rank, world)
+        xb, yb, yb2 = xb[mine], yb[mine], yb2[mine]
         with amp():
-            z = net.head(net.drop(net.tail(xb))).float()
-            loss = loss_fn(z, yb) if lam == 1.0 else lam * loss_fn(z, yb) + (1 - lam) * loss_fn(z, yb[perm])
+            z = net(xb).float()
+            loss = loss_fn(z, yb) if lam == 1.0 else lam * loss_fn(z, yb) + (1 - lam) * loss_fn(z, yb2)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * weight if world > 1 else loss).backward()
         opt.step()
-        seen += len(idx)
-        loss_sum += float(loss.detach()) * len(idx)
+        seen += rows
+        loss_sum += float(loss.detach()) * rows
+    if world > 1:  # the mean over every process's rows
+        t = torch.tensor([loss_sum, seen], dtype=torch.float64, device=net.device)
+        torch.distributed.all_reduce(t)
+        loss_sum, seen = t.tolist()
     return loss_sum / max(seen, 1)
 
 
-def validate(net: Trainable, data: ActivationData, amp) -> tuple[float, float]:
+def validate(net: Trainable, data: ActivationData, amp, *, rank: int = 0, world: int = 1) -> tuple[float, float]:
     """Validation accuracy and calibrated cross entropy (after the best temperature).
 
     Calibrated, because label smoothing makes the fine-tuned model less sure of itself than the
     initial head: raw cross entropy would penalise that, though a temperature (fitted
     afterwards anyway) undoes it.
+    Under --nproc each process scores its share of the photos; rank 0 scores the gathered
+    logits and every process gets its two numbers, so that all take the same decisions.
     """
     torch = _torch()
     from retrain.calibrate import fit_temperature, nll
 
     net.tail.eval()
-    outs = []
-    with torch.no_grad(), amp():
-        for s in range(0, len(data.Xva), 256):
-            outs.append(net.head(net.tail(data.Xva[s:s + 256])).float())
     if not len(data.yva):
         return float("nan"), float("nan")
-    z = torch.cat(outs).cpu().numpy().astype(np.float64)
+    n = len(data.Xva)
+    lo, hi = (rank * n // world, (rank + 1) * n // world) if world > 1 else (0, n)
+    outs = [torch.zeros(0, net.head.out_features, device=net.device)]
+    with torch.no_grad(), amp():
+        for s in range(lo, hi, 256):
+            outs.append(net.head(net.tail(data.Xva[s:min(s + 256, hi)])).float())
+    z = torch.cat(outs)
+    if world > 1:
+        z = _gather_rows(z, n, world)
+    z = z.cpu().numpy().astype(np.float64)
     yv = data.yva.cpu().numpy()
-    return float((z.argmax(1) == yv).mean()), nll(z, yv, fit_temperature(z, yv))
+    scores = [float((z.argmax(1) == yv).mean()), nll(z, yv, fit_temperature(z, yv))]
+    if world > 1:
+        t = torch.tensor(scores, dtype=torch.float64, device=net.device)
+        torch.distributed.broadcast(t, 0)
+        scores = t.tolist()
+    return scores[0], scores[1]
+
+
+def _gather_rows(z, n: int, world: int):
+    """The (n, K) rows of every process, in order, from each one's share (rank * n // world ...)."""
+    torch = _torch()
+    size = -(-n // world)
+    pad = torch.zeros(size, z.shape[1], dtype=z.dtype, device=z.device)
+    pad[:len(z)] = z
+    parts = [torch.empty_like(pad) for _ in range(world)]
+    torch.distributed.all_gather(parts, pad)
+    return torch.cat([parts[r][:(r + 1) * n // world - r * n // world] for r in range(world)])
 
 
 def snapshot(net: Trainable, epoch: int, acc: float, ce: float) -> dict:

@@ -61,6 +61,10 @@ def plan_fit(cfg: FitConfig, log=None) -> Plan:
 
     validate_config(cfg)
     out = check_outputs(cfg)  # refused before any work: a user's folder is never replaced
+    if cfg.ray:  # Ray installed and something answering at the address, before any work
+        from retrain.distributed import check_address
+
+        check_address(cfg.ray)
     precision = choose_precision(cfg.bottleneck_precision, provider=cfg.provider, fine_tune=cfg.fine_tune)
     # A name, a zoo download or an ONNX file (cut at its features); bf16/int8 where it compiles, else fp32.
     backbone, precision = plan_backbone(cfg, precision, log=log or Log(cfg.quiet))
@@ -88,7 +92,7 @@ def load_data(plan: Plan, log) -> Data:
         return Data(**load_store(plan, log))
     timings = {}
     cache = BottleneckCache(cfg.cache_dir or default_cache_dir(), bb, precision=plan.precision, log=log)
-    if not len(cache):  # an empty cache: every photo will need the backbone, so build it while scanning
+    if not len(cache) and not cfg.ray:  # an empty cache: every photo will need the backbone, so build it while scanning
         # (OpenVINO compiles for ~0.4 s). An error is raised again when extract() asks for it.
         in_background(feature_session, bb, provider=cfg.provider, precision=plan.precision,
                       batch=cfg.batch_size, log=log)
@@ -104,16 +108,27 @@ def load_data(plan: Plan, log) -> Data:
 
     t0 = time.perf_counter()
     in_background(_import, "scipy.optimize", "onnx")  # needed after the bottlenecks: imported while they run
-    feats, failures, btiming = extract(s.items, bb, cache, provider=cfg.provider, batch_size=cfg.batch_size,
+    given, ray_failed, ray_timing = s.items, {}, None
+    if cfg.ray:  # the photos missing from the cache computed on the cluster, into the cache
+        from retrain.distributed import bottlenecks_ray
+
+        ray_failed, ray_timing = bottlenecks_ray(s.items, bb, cache, address=cfg.ray, precision=plan.precision,
+                                                 batch_size=cfg.batch_size, quiet=cfg.quiet, log=log)
+        given = [it for it in s.items if it.path not in ray_failed]  # the rest: all in the cache now
+    feats, failures, btiming = extract(given, bb, cache, provider=cfg.provider, batch_size=cfg.batch_size,
                                        workers=cfg.workers or None, quiet=cfg.quiet, log=log)
+    if cfg.ray:
+        btiming["ray"] = ray_timing
+        failures = {it.path: ray_failed.get(it.path) or failures[it.path] for it in s.items
+                    if it.path in ray_failed or it.path in failures}  # in scan order, as without --ray
     timings["bottlenecks_s"] = round(time.perf_counter() - t0, 3)
     if btiming.get("computed"):
         log(f"Bottlenecks: {btiming['computed']} computed in {btiming.get('seconds', 0):.1f} s "
             f"({btiming['computed'] / max(btiming.get('seconds', 1e-9), 1e-9):.0f} images/s), "
             f"{btiming['cached']} from cache")
     skipped = s.skipped + [{"path": p, "reason": r} for p, r in failures.items()]
-    ok = [i for i, it in enumerate(s.items) if it.path not in failures]
-    items = [s.items[i] for i in ok]
+    ok = [i for i, it in enumerate(given) if it.path not in failures]
+    items = [given[i] for i in ok]
 
     y, parts = split_parts(items, s.classes, cfg, log)
     return Data(s, cache, items, feats[ok], y, s.classes, parts, skipped, warnings_, btiming, timings)
@@ -135,6 +150,11 @@ def validate_config(cfg: FitConfig) -> None:
          "--features trains the final layer from stored features: --fine-tune and distortions need the photos")
     need(cfg.optimizer != "stream" or cfg.features, "--optimizer stream trains from a feature store: add "
          "--features STORE (retrain embed DIR --out STORE makes one)")
+    need(not (cfg.ray and cfg.features), "--ray computes the photos' bottlenecks on a Ray cluster, and --features "
+         "STORE already holds them: drop --ray (retrain embed DIR --out STORE --ray ADDRESS fills a store there)")
+    need(not (cfg.ray and (cfg.fine_tune or cfg.distortions_requested())), "--ray computes the frozen bottlenecks "
+         "on a Ray cluster; --fine-tune and distortions (--flip_left_right, --random_*, --augment) compute theirs on "
+         "this machine, not there: drop --ray, or them")
     for name in ("testing_percentage", "validation_percentage"):
         v = getattr(cfg, name)
         need(0 < v < 100, f"--{name} must be between 0 and 100 (exclusive), got {v}")
@@ -152,6 +172,8 @@ def validate_config(cfg: FitConfig) -> None:
     need(not (cfg.fine_tune and cfg.bottleneck_precision not in ("auto", "fp32")),
          "--fine-tune trains the backbone in floating point: use it with --bottleneck-precision fp32")
     need(not cfg.resume or cfg.fine_tune, "--resume continues an interrupted --fine-tune; add --fine-tune")
+    need(cfg.nproc <= 1 or cfg.fine_tune, f"--nproc {cfg.nproc} runs the epochs of --fine-tune in {cfg.nproc} "
+         "processes; add --fine-tune (the head-only fit runs in one)")
     need(cfg.final_tensor_name.replace("_", "").replace("/", "").isalnum(),
          f"--final_tensor_name must be letters, digits and _ , got '{cfg.final_tensor_name}'")
     need(not (cfg.no_unknown and cfg.unknown_examples), "--unknown-examples tightens the novelty threshold, "

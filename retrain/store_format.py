@@ -1,6 +1,7 @@
-"""The feature store's format (retrain.store): the Parquet schema and write options, rows as an
-Arrow table, the key of a file, and the file systems it lives on (a local folder or a URI
-pyarrow reaches) with small JSON files on them.
+"""The feature store's format (retrain.store), also the bottleneck cache's (retrain.cache): the
+Parquet schema and write options, rows as an Arrow table, the digests a cache shard carries in
+its key-value metadata, the key of a file, and the file systems it lives on (a local
+folder or a URI pyarrow reaches) with small JSON files on them.
 """
 
 from __future__ import annotations
@@ -25,8 +26,13 @@ def _pa():
     return pa
 
 
+# Features: uncompressed and without min/max statistics (nothing reads them; for float16 they
+# took about 40% of the write time).
 WRITE_OPTIONS = {"write_page_checksum": True, "use_dictionary": ["label", "error"],
+                 "write_statistics": ["key", "path", "label", "error"],
                  "compression": {"key": "zstd", "path": "zstd", "label": "zstd", "error": "zstd", "features": "none"}}
+# Key-value metadata of a cache shard: table_digest of each of its row groups, hex, comma-separated.
+DIGEST_KEY = b"retrain.blake2b"
 
 
 def schema(dim: int, dtype: str = "float16"):
@@ -51,19 +57,61 @@ def filesystem(location: str):
 
 
 def rows_table(dim: int, dtype: str, keys, paths, labels, feats, errors=None):
-    """Rows as a pyarrow table of the store's schema; feats (n, dim) with NaN rows -> null
-    features (and the error "no features" where none is given)."""
+    """Rows as a pyarrow table of the store's schema; feats (n, dim) with rows that are not
+    finite (in `dtype`) -> null features (and the error "no features" where none is given).
+    keys: 16-byte strings, or an (n, 16) uint8 array. paths, labels: None for all null.
+    Features already in `dtype` are not copied."""
     pa = _pa()
     n = len(keys)
-    feats = np.asarray(feats, np.float32).reshape(n, dim)
+    feats = np.asarray(feats).reshape(n, dim)
+    if feats.dtype not in (np.float16, np.float32):
+        feats = feats.astype(np.float32)
+    feats = feats.astype(dtype, copy=False)
     errors = list(errors) if errors is not None else [None] * n
     valid = np.array([e is None for e in errors], bool) & np.isfinite(feats).all(axis=1)
     errors = [e if e is not None or valid[i] else "no features" for i, e in enumerate(errors)]
-    flat = pa.array(np.where(valid[:, None], feats, 0).astype(dtype).ravel())
-    fl = pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(~valid))
-    return pa.Table.from_arrays([pa.array(list(keys), pa.binary(16)), pa.array(list(paths), pa.string()),
-                                 pa.array(list(labels), pa.string()), fl, pa.array(errors, pa.string())],
-                                schema=schema(dim, dtype))
+    flat = pa.array(np.ascontiguousarray(feats if valid.all() else np.where(valid[:, None], feats, 0)).ravel())
+    fl = pa.FixedSizeListArray.from_arrays(flat, dim, mask=None if valid.all() else pa.array(~valid))
+    if isinstance(keys, np.ndarray):
+        k = pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), n, [None, pa.py_buffer(
+            np.ascontiguousarray(keys, np.uint8).reshape(n, 16))])
+    else:
+        k = pa.array(list(keys), pa.binary(16))
+    paths = [None] * n if paths is None else list(paths)
+    labels = [None] * n if labels is None else list(labels)
+    return pa.Table.from_arrays([k, pa.array(paths, pa.string()), pa.array(labels, pa.string()), fl,
+                                 pa.array(errors, pa.string())], schema=schema(dim, dtype))
+
+
+def key_and_feature_arrays(table, dim: int):
+    """(keys (n, 16) uint8, [(first row, features (rows, dim), valid (rows,) bool) per chunk]) of
+    a table of the store's schema, the features without a copy (views of Arrow's buffers)."""
+    keys = table.column("key").combine_chunks()
+    kbuf = np.frombuffer(keys.buffers()[1], np.uint8)[keys.offset * 16:(keys.offset + len(keys)) * 16] \
+        if len(keys) else np.zeros(0, np.uint8)
+    parts, row = [], 0
+    for ch in table.column("features").chunks:
+        m = len(ch)
+        flat = ch.values.to_numpy(zero_copy_only=False)[ch.offset * dim:(ch.offset + m) * dim]
+        parts.append((row, flat.reshape(m, dim), np.asarray(ch.is_valid(), bool)))
+        row += m
+    return kbuf.reshape(len(keys), 16), parts
+
+
+def table_digest(table, dim: int) -> bytes:
+    """BLAKE2b-256 of a table's keys, the features of its rows that have them, and which rows
+    do not: the check of each row group of a cache shard (retrain.cache), on top of the page CRCs."""
+    return arrays_digest(*key_and_feature_arrays(table, dim))
+
+
+def arrays_digest(keys, parts) -> bytes:
+    """table_digest of what key_and_feature_arrays returned."""
+    h = hashlib.blake2b(np.ascontiguousarray(keys).tobytes(), digest_size=32)
+    for _row, f, valid in parts:
+        h.update(np.ascontiguousarray(f if valid.all() else f[valid]))
+    for _row, _f, valid in parts:
+        h.update(valid.tobytes())
+    return h.digest()
 
 
 def key_hex(key: bytes) -> str:

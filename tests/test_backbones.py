@@ -33,6 +33,30 @@ def test_fingerprint_changes_with_preprocessing():
     assert dataclasses.replace(bb, mean=0.0).fingerprint() != bb.fingerprint()
 
 
+def test_a_built_in_backbone_runs_at_another_side_with_its_own_fingerprint():
+    bb = get_backbone("efficientnet_lite0")
+    assert (bb.image_size, bb.train_size) == (288, 224)  # head-only features above the training side
+    small = get_backbone("efficientnet_lite0", height=224, width=224)
+    assert small.image_size == 224 and small.fingerprint() != bb.fingerprint()
+    with pytest.raises(ConfigError, match="outside 32..1024"):
+        get_backbone("efficientnet_lite0", height=2000)
+    with pytest.raises(ConfigError, match="differ"):
+        get_backbone("efficientnet_lite0", height=224, width=256)
+
+
+@pytest.mark.slow  # exports the backbone at a new side
+def test_fit_at_another_input_side_writes_a_model_of_that_side(tiny_dataset, tmp_path):
+    from conftest import one_error_line, run_cli
+    from retrain.classifier import Classifier
+
+    p = run_cli("fit", tiny_dataset, "-o", tmp_path / "big", "--input_height", "2000", check=False)
+    assert p.returncode == 2 and "outside 32..1024" in one_error_line(p.stderr)
+    run_cli("fit", tiny_dataset, "-o", tmp_path / "run", "--input_height", "160", "--no-label-check")
+    clf = Classifier(tmp_path / "run")
+    assert (clf.height, clf.width) == (160, 160)
+    assert clf.classify([str(next((tiny_dataset / "circle").iterdir()))])[0]["label"] == "circle"
+
+
 @pytest.mark.slow
 def test_exported_features_are_cached_with_provenance(tmp_path, monkeypatch):
     """A real export into an empty cache (the test session keeps exported graphs between
@@ -81,7 +105,7 @@ def test_download_from_a_file_url_mirror(tmp_path):
 def test_backbones_command_lists_every_known_backbone_and_what_is_offline():
     import json
 
-    from conftest import run_cli
+    from conftest import one_error_line, run_cli
     from retrain import zoo
 
     p = run_cli("backbones")
@@ -90,7 +114,7 @@ def test_backbones_command_lists_every_known_backbone_and_what_is_offline():
     for name in [*BACKBONES, *zoo.ZOO]:
         assert any(line.startswith(name + " ") for line in lines), name
     lite = next(line for line in lines if line.startswith("efficientnet_lite0 "))
-    assert " yes " in lite and "224 px" in lite and "75.1%" in lite
+    assert " yes " in lite and "288 px" in lite and "75.1%" in lite
     incep = next(line for line in lines if line.startswith("inception_v3 "))
     assert "299 px" in incep and "download" in incep and "95.3 MB" in incep
     assert "mobilenet_0.50_* -> mobilenetv2_050" in p.stdout
@@ -103,7 +127,7 @@ def test_backbones_command_lists_every_known_backbone_and_what_is_offline():
 def test_backbones_measure_records_the_speed_here():
     import json
 
-    from conftest import run_cli
+    from conftest import one_error_line, run_cli
 
     p = run_cli("backbones", "--measure", "efficientnet_lite0", "--json")
     assert "efficientnet_lite0: " in p.stderr and "images/s" in p.stderr

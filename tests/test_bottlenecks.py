@@ -30,7 +30,7 @@ def test_cache_reuses_and_matches(tiny_dataset, tmp_path):
     assert t2["computed"] == 0 and t2["cached"] == len(s.items)
     assert np.array_equal(f1, f2)
     meta = (again.folder / "meta.json").read_text()
-    assert BB.fingerprint() in meta and '"size": 224' in meta  # records what produced it
+    assert BB.fingerprint() in meta and f'"size": {BB.image_size}' in meta  # records what produced it
 
 
 def test_unreadable_images_are_reported_not_fatal(tiny_dataset, tmp_path):
@@ -47,7 +47,7 @@ def test_damaged_shard_is_detected_and_recomputed(tiny_dataset, tmp_path):
     extract(s.items[:9], BB, BottleneckCache(tmp_path / "c", BB), batch_size=4, quiet=True)  # two runs,
     ref, _, _ = extract(s.items, BB, BottleneckCache(tmp_path / "c", BB), batch_size=4, quiet=True)  # two shards
     cache_dir = tmp_path / "c"
-    shards = sorted(cache_dir.glob("*/shard-*.npz"))
+    shards = sorted(cache_dir.glob("*/shard-*.parquet"))
     assert len(shards) >= 2
     # Flip bytes in the middle of one shard (its feature data), truncate another.
     data = bytearray(shards[0].read_bytes())
@@ -111,7 +111,7 @@ def test_kill_9_during_bottlenecks_then_resume(tmp_path):
            "--cache-dir", str(cache), "--batch-size", "8", "--workers", "1"]
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(cache.glob("*/shard-*.npz"))) < 2:
+    while time.time() < deadline and len(list(cache.glob("*/shard-*.parquet"))) < 2:
         time.sleep(0.01)
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
@@ -183,7 +183,7 @@ def test_openvino_static_batch_pads_short_batches_and_keeps_order():
     from retrain import images
 
     s = scan(EXAMPLES, quiet=True)
-    x = np.stack([images.load(it.path, 224, BB.crop_fraction) for it in s.items[:6]])
+    x = np.stack([images.load(it.path, BB.image_size, BB.crop_fraction) for it in s.items[:6]])
     sess = feature_session(BB, precision="bf16", batch=4)
     assert sess.batch == 4
     whole = sess(x)  # 4 + 2 padded

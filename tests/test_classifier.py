@@ -47,8 +47,9 @@ def test_what_the_model_says_about_itself(clf, tiny_run):
     assert clf.labels == ["circle", "squares", "stripes"]
     assert clf.path == tiny_run / "model.onnx"
     d = clf.describe()
-    assert d["input_size"] == [224, 224] and d["mean"] == 127.0 and d["std"] == 128.0
-    assert d["crop_fraction"] == pytest.approx(224 / 256)  # EfficientNet-Lite0: size / (size + 32)
+    # EfficientNet-Lite0's head-only features: 288 px (above its 224 training side), crop size / (size + 32)
+    assert d["input_size"] == [288, 288] and d["mean"] == 127.0 and d["std"] == 128.0
+    assert d["crop_fraction"] == pytest.approx(288 / 320)
     assert d["input_name"] == "input" and d["output_name"] == "final_result"
     assert d["architecture"] == "efficientnet_lite0" and clf.tta_default is False
 
@@ -78,7 +79,7 @@ def test_bytes_and_paths_give_the_same_answer(clf, photos):
 
 def test_predict_gives_probabilities_and_top_k_is_capped(clf, photos):
     x = np.stack([clf.load_image(str(p)) for p in photos])
-    assert x.shape == (3, 224, 224, 3) and x.dtype == np.uint8
+    assert x.shape == (3, 288, 288, 3) and x.dtype == np.uint8
     p = clf.predict(x)
     assert p.shape == (3, 3) and np.allclose(p.sum(1), 1, atol=1e-4) and (p >= 0).all()
     top = clf.top_k(p[0], 10)
@@ -91,7 +92,7 @@ def test_tta_averages_with_the_mirror_image(clf, photos):
     expected = (clf.predict(x) + clf.predict(mirrored)) / 2
     assert np.allclose(clf.predict(x, tta=True), expected, atol=1e-5)
     # A photo that is not symmetric gets other scores with tta than without.
-    asym = np.zeros((1, 224, 224, 3), np.uint8)
+    asym = np.zeros((1, clf.height, clf.width, 3), np.uint8)
     asym[:, :, :60] = (220, 40, 40)
     assert not np.allclose(np.log(clf.predict(asym, tta=True)), np.log(clf.predict(asym)), atol=1e-3)
 
@@ -107,7 +108,7 @@ def test_failures_are_nan_rows_and_reasons(clf, photos, tmp_path):
         clf.load_image(b"not an image")
     buf = io.BytesIO()
     Image.new("RGB", (5, 300), (0, 200, 0)).save(buf, "PNG")  # any shape comes out the model's size
-    assert clf.load_image(buf.getvalue()).shape == (224, 224, 3)
+    assert clf.load_image(buf.getvalue()).shape == (288, 288, 3)
 
 
 def test_a_model_without_metadata_needs_a_labels_file(tiny_run, tmp_path, photos):

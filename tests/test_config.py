@@ -98,7 +98,7 @@ def test_every_setting_has_its_dash_underscore_and_alias_flags():
     (["--output_dir", "r"], {"output": "r"}),
     (["-o", "r"], {"output": "r"}),
     (["--bottleneck_dir", "c"], {"cache_dir": "c"}),
-    (["--fp32"], {"fine_tune_fp32": True}),
+    (["--bf16"], {"fine_tune_bf16": True}),
     (["--fine_tune", "--unfreeze", "3"], {"fine_tune": True, "unfreeze": 3}),
     (["--how_many_training_steps", "7", "--learning_rate", "0.5"], {"how_many_training_steps": 7,
                                                                     "learning_rate": 0.5}),

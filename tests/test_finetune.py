@@ -60,6 +60,7 @@ def test_fine_tune_one_epoch_exports_a_self_contained_model(tmp_path):
     clf = Classifier(out, provider="cpu")
     assert clf.meta["fine_tuned"] is True and clf.tta_default is True
     assert clf.input_name == "input" and clf.output_name == "final_result"
+    assert (clf.height, clf.width) == (224, 224)  # fine-tuning trains at the side lite0 was trained at, not 288
     # The exported ONNX (fine-tuned backbone + head) labels the pictures of a class as that class.
     res = json.loads(run_cli("label", out, data / "circle", "--json").stdout)
     assert all(r["predictions"][0]["label"] == "circle" for r in res)

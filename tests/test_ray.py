@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import EXAMPLES, SHARED_FLOWERS, run_cli
+from conftest import EXAMPLES, SHARED_FLOWERS, one_error_line, run_cli
 from retrain.store import FeatureStore
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'retrain[ray]'")
@@ -295,3 +295,105 @@ def test_label_on_the_cluster_equals_label_in_process_and_resumes(cluster, photo
                             "--out", str(tmp_path / "preds"), "--top-k", "2", "--json"],
                            env=env, capture_output=True, text=True, timeout=400)
     assert json.loads(again.stdout)["labelled"] == 0 and json.loads(again.stdout)["rows"] == n
+
+
+def _fit(src, run, cache, env, *extra, precision="fp32", timeout=400):
+    return subprocess.run([sys.executable, "-m", "retrain", "fit", str(src), "-o", str(run), "--bottleneck_dir",
+                           str(cache), "--bottleneck-precision", precision, *extra],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _cached(cache_dir, src) -> dict[str, np.ndarray]:
+    """{path: features} of the photos of `src` found in the fp32 cache at `cache_dir` (read afresh)."""
+    from retrain.architectures import get_backbone
+    from retrain.cache import BottleneckCache, key_of
+    from retrain.scan import scan
+
+    c = BottleneckCache(cache_dir, get_backbone("efficientnet_lite0"), precision="fp32")
+    found = [it for it in scan(src, quiet=True).items if key_of(it.digest) in c]
+    return dict(zip((it.path for it in found), c.get([key_of(it.digest) for it in found])))
+
+
+def test_fit_on_the_cluster_makes_the_model_a_local_fit_makes(cluster, tmp_path):
+    """`retrain fit DIR --ray`: the bottlenecks computed on two nodes, into the cache, the rest of fit
+    here: the same features, figures and predictions as a fit without --ray; a photo the cluster
+    cannot read is skipped with the local reason; a later fit without --ray computes none again."""
+    address, env = cluster
+    src = tmp_path / "flowers"
+    shutil.copytree(EXAMPLES, src)
+    (src / "roses" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a photo")
+    n = sum(1 for _ in src.rglob("*.jpg")) - 1
+
+    r = _fit(src, tmp_path / "ray-run", tmp_path / "ray-cache", env, "--ray", address)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"{n + 1} to compute on the Ray cluster at {address}" in r.stderr
+    assert r.stdout.startswith("retrain fit: ") and len(r.stdout.splitlines()) == 1  # no Ray output on stdout
+    local = _fit(src, tmp_path / "local-run", tmp_path / "local-cache", env)
+    assert local.returncode == 0, local.stderr[-2000:]
+    rep, ref = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("ray-run", "local-run"))
+    assert rep["timings"]["bottleneck_detail"]["ray"]["computed"] == n + 1
+    assert rep["timings"]["bottleneck_detail"]["computed"] == 0  # nothing computed on this machine
+
+    ray_feats, local_feats = _cached(tmp_path / "ray-cache", src), _cached(tmp_path / "local-cache", src)
+    assert set(ray_feats) == set(local_feats) and len(ray_feats) == n  # every photo but the broken one
+    paths = sorted(ray_feats)
+    np.testing.assert_allclose(np.stack([ray_feats[p] for p in paths]), np.stack([local_feats[p] for p in paths]),
+                               rtol=1e-3, atol=1e-3)  # the same engine on other threads: close, not bitwise
+
+    assert [s["path"] for s in rep["skipped"]] == [str(src / "roses" / "broken.jpg")]
+    assert rep["skipped"] == ref["skipped"]  # with the reason a fit without --ray gives
+    assert rep["split_counts"] == ref["split_counts"] and rep["class_counts"] == ref["class_counts"]
+    for part in ("test", "validation", "cross_validation"):
+        a, b = rep["metrics"].get(part), ref["metrics"].get(part)
+        assert (a is None) == (b is None), part
+        if a:
+            assert (a["n"], a["accuracy"]) == (b["n"], b["accuracy"]), part
+    assert rep["bottleneck_precision"] == ref["bottleneck_precision"] == "fp32"
+
+    photos = [str(p) for p in sorted(src.rglob("*.jpg")) if p.name != "broken.jpg"]
+    preds = []
+    for run in ("ray-run", "local-run"):
+        out = subprocess.run([sys.executable, "-m", "retrain", "label", str(tmp_path / run), *photos, "--json"],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        preds.append({p["path"]: p for p in json.loads(out.stdout)})
+    assert [preds[0][p]["label"] for p in photos] == [preds[1][p]["label"] for p in photos]
+    assert max(abs(preds[0][p]["predictions"][0]["score"] - preds[1][p]["predictions"][0]["score"])
+               for p in photos) < 1e-3
+
+    # A later fit without --ray finds every feature the cluster computed (same fingerprint, precision),
+    # at fp32 and at the default precision (bf16 where this CPU has bf16 units and OpenVINO is here).
+    for precision in ("fp32", "auto"):
+        cache = tmp_path / ("ray-cache" if precision == "fp32" else "auto-cache")
+        if precision == "auto":
+            r = _fit(src, tmp_path / "ray-auto", cache, env, "--ray", address, "--no-label-check", precision="auto")
+            assert r.returncode == 0, r.stderr[-2000:]
+        again = _fit(src, tmp_path / f"again-{precision}", cache, env, "--no-label-check", precision=precision)
+        assert again.returncode == 0, again.stderr[-2000:]
+        doc = json.loads((tmp_path / f"again-{precision}" / "report.json").read_text())
+        detail = doc["timings"]["bottleneck_detail"]
+        assert detail["cached"] == n and "ray" not in detail
+        if precision == "auto":
+            ray_doc = json.loads((tmp_path / "ray-auto" / "report.json").read_text())
+            assert doc["bottleneck_precision"] == ray_doc["bottleneck_precision"]
+
+
+def test_fit_on_the_cluster_refuses_nodes_that_would_compute_other_features(cluster, tmp_path):
+    """A node whose OpenVINO differs from the driver's would cache other bf16 features under the
+    driver's fingerprint: its actors refuse, and fit says so in one line (exit 2). Here the driver
+    reports another OpenVINO version than the nodes have (one machine cannot hold two)."""
+    from retrain.runtime import cpu_has_bf16, openvino_available
+
+    if not (cpu_has_bf16() and openvino_available()):
+        pytest.skip("bf16 bottlenecks need a CPU with bf16 units and OpenVINO")
+    address, env = cluster
+    run = tmp_path / "run"
+    code = ("import sys; import retrain.runtime as rt; rt.openvino_version = lambda: '0.0-another'; "
+            "from retrain.cli import main; sys.exit(main(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, "-c", code, "fit", str(EXAMPLES), "-o", str(run), "--bottleneck_dir",
+                        str(tmp_path / "cache"), "--bottleneck-precision", "bf16", "--ray", address],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    line = one_error_line(r.stderr)
+    assert "would compute other bf16 bottlenecks than this machine" in line and "127.0.0." in line
+    assert r.stdout == "" and not run.exists()
