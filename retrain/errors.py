@@ -38,3 +38,9 @@ def closest(name, choices):
 def did_you_mean(name, choices):
     hit = closest(name, choices)
     return f" Did you mean '{hit}'?" if hit else ""
+
+
+class FineTuneProcessError(RetrainError):
+    """A process of `fit --fine-tune --nproc` died or failed (not the input's fault: exit 1)."""
+
+    exit_code = 1

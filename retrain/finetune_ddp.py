@@ -40,15 +40,9 @@ from pathlib import Path
 import numpy as np
 
 from retrain.backbone_split import load_torch
-from retrain.errors import RetrainError
+from retrain.errors import FineTuneProcessError, RetrainError
 
 STOP_WAIT_S = 30  # after Ctrl-C: how long the driver may take to stop the ranks before it is killed
-
-
-class FineTuneProcessError(RetrainError):
-    """A process of `--fine-tune --nproc` died or failed."""
-
-    exit_code = 1
 
 
 def fine_tune(cfg, bb, items, y, parts, *, W0, b0, views=0, distortions=None, cache_dir, checkpoint: Path,

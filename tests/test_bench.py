@@ -71,9 +71,10 @@ def test_quantized_forms_count_the_same(tmp_path, fmt):
 
 def test_efficientnet_lite0_counts(tiny_run):
     c = count_graph(tiny_run / "model.onnx")
-    # EfficientNet-Lite0 backbone (BN folded) + a 1280x3 head: ~3.4M params, ~0.38 GMACs at 224x224
+    # EfficientNet-Lite0 backbone (BN folded) + a 1280x3 head: ~3.4M params, ~0.39 GMACs at 224x224,
+    # so (288/224)^2 = 1.65x that at the 288x288 of a head-only fit
     assert 3.3e6 < c["params"] < 3.5e6
-    assert 3.7e8 < c["macs"] < 4.1e8
+    assert 3.7e8 * 1.65 < c["macs"] < 4.1e8 * 1.65
 
 
 @pytest.mark.slow

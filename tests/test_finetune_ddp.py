@@ -50,7 +50,8 @@ def test_a_failed_process_is_one_line_with_what_to_do(tmp_path):
     from types import SimpleNamespace
 
     from retrain.errors import ConfigError
-    from retrain.finetune_ddp import FineTuneProcessError, failure
+    from retrain.errors import FineTuneProcessError
+    from retrain.finetune_ddp import failure
 
     loop = SimpleNamespace(checkpoint=tmp_path / "none.pt", cfg=SimpleNamespace(resume=False))
     (tmp_path / "failure.json").write_text(json.dumps({"rank": 1, "exitcode": -9, "pid": 42, "signal": "SIGKILL"}))
@@ -293,7 +294,7 @@ def test_killed_process_fails_in_one_line_and_resume_continues(tmp_path):
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the processes in /proc (Linux)")
 def test_ctrl_c_stops_every_process(tmp_path):
     out = tmp_path / "run"
-    proc = _start_fit(out)
+    proc = _start_fit(out, "--epochs", "40")  # epochs of the demo take a second: enough of them to be stopped
     try:
         _wait_for(lambda: len(_rank_pids(proc.pid)) == 2 and (tmp_path / ".run.fine-tune-checkpoint.pt").exists(),
                   proc)
