@@ -12,6 +12,7 @@ one is never used. RETRAIN_TEST_FRESH_BACKBONES=1 starts from an empty cache and
 from __future__ import annotations
 
 import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+# A run started in the background of a non-interactive shell (`cmd &`) inherits SIGINT ignored,
+# and so would every retrain the tests start: the Ctrl-C tests need it delivered.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "flowers"
