@@ -39,6 +39,21 @@ ROWS_PER_FILE = 16_384
 JOB_RERUNS = 2  # jobs again for rows that did not reach the store (a lost worker's block)
 
 
+def _until_stored(job, rows: list, where: str, log) -> None:
+    """Run `job(rows)` (a Ray job that writes rows and returns those not found written) until all
+    are there. Ray Data can finish a job without the rows of a block whose actor died (seen with
+    kill -9 of a worker), so what is missing is computed again, as a rerun would, JOB_RERUNS
+    times at most; then one line saying to run the command again."""
+    for attempt in range(1 + JOB_RERUNS):
+        rows = job(rows)
+        if not rows:
+            return
+        if attempt < JOB_RERUNS:
+            log(f"note: {len(rows)} photos did not reach {where} (a worker lost mid-run?): computing them again")
+    raise DataError(f"{len(rows)} photos did not reach {where} after {1 + JOB_RERUNS} Ray jobs (workers lost?); "
+                    "run the same command again: it computes only those")
+
+
 def need_ray():
     """`ray` (with ray.data), or one line saying what to install."""
     try:
@@ -207,32 +222,25 @@ def embed_ray(image_dir, out, *, address: str, architecture: str = "efficientnet
         ctx.verbose_progress = False
         n_actors, cpus, nodes = _pool_size(ray, actors, actor_cpus)
         t0 = time.perf_counter()
-        job = todo
-        for attempt in range(1 + JOB_RERUNS):
-            per_block = max(8, min(256, len(job) // max(1, 4 * n_actors)))
-            ds = ray.data.read_binary_files([p for p, _ in job], include_paths=True, num_cpus=IO_CPUS,
-                                            override_num_blocks=max(1, -(-len(job) // per_block)))
+
+        def job(rows):
+            per_block = max(8, min(256, len(rows) // max(1, 4 * n_actors)))
+            ds = ray.data.read_binary_files([p for p, _ in rows], include_paths=True, num_cpus=IO_CPUS,
+                                            override_num_blocks=max(1, -(-len(rows) // per_block)))
             ds = ds.map_batches(Embedder, batch_size=per_block, batch_format="numpy", num_cpus=actor_cpus,
                                 compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_actors),
                                 fn_constructor_kwargs={"architecture": bb.name, "precision": precision,
                                                        "dtype": dtype, "root": root, "batch": batch_size,
                                                        "cpus": actor_cpus})
-            log(f"Embedding {len(job)} photos on {n_actors} actor{'s' if n_actors > 1 else ''} of {actor_cpus:g} "
+            log(f"Embedding {len(rows)} photos on {n_actors} actor{'s' if n_actors > 1 else ''} of {actor_cpus:g} "
                 f"CPU ({cpus:g} CPUs on {nodes} node{'s' if nodes > 1 else ''})")
             ds.write_parquet(store.path, filesystem=store.fs, min_rows_per_file=rows_per_file,
                              ray_remote_args={"num_cpus": IO_CPUS}, **WRITE_OPTIONS)
-            # Ray Data can finish a job without the rows of a block whose actor died (seen with
-            # kill -9 of a worker): whatever is not in the store is computed again, like a rerun.
             store.refresh()
             done = store.done_paths()
-            job = [(p, c) for p, c in job if p not in done]
-            if not job:
-                break
-            if attempt < JOB_RERUNS:
-                log(f"note: {len(job)} photos did not reach the store (a worker lost mid-run?): computing them again")
-        else:
-            raise DataError(f"{len(job)} photos did not reach the store {store.where()} after {1 + JOB_RERUNS} Ray "
-                            "jobs (workers lost?); run the same command again: it computes only those")
+            return [(p, c) for p, c in rows if p not in done]
+
+        _until_stored(job, todo, store.where(), log)
         seconds = time.perf_counter() - t0
         wanted = {p for p, _ in todo}
         for t in store.iter_tables(["path", "error"], with_errors=True):
@@ -535,26 +543,21 @@ def label_to_store(model, paths: list[str], out, *, address: str | None = None, 
         ray = connect(address, log=log)
         ray.data.DataContext.get_current().enable_progress_bars = not quiet
         n_actors, _, _ = _pool_size(ray, actors, actor_cpus)
-        job = todo
-        for attempt in range(1 + JOB_RERUNS):
-            per_block = max(8, min(256, len(job) // max(1, 4 * n_actors)))
-            ds = ray.data.read_binary_files(job, include_paths=True, num_cpus=IO_CPUS,
-                                            override_num_blocks=max(1, -(-len(job) // per_block)))
+
+        def job(rows):
+            per_block = max(8, min(256, len(rows) // max(1, 4 * n_actors)))
+            ds = ray.data.read_binary_files(rows, include_paths=True, num_cpus=IO_CPUS,
+                                            override_num_blocks=max(1, -(-len(rows) // per_block)))
             ds = ds.map_batches(Labeller, batch_size=per_block, batch_format="numpy", num_cpus=actor_cpus,
                                 compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_actors),
                                 fn_constructor_kwargs={"model_bytes": model_path.read_bytes(), "top_k": top_k,
                                                        "batch": batch_size, "cpus": actor_cpus, "tta": tta})
             ds.write_parquet(folder, filesystem=fs, min_rows_per_file=rows_per_file,
                              ray_remote_args={"num_cpus": IO_CPUS}, write_page_checksum=True)
-            done = _preds_folder(out, model_path, top_k)[2]  # what a lost worker's block left out: again
-            job = [p for p in job if p not in done]
-            if not job:
-                break
-            if attempt < JOB_RERUNS:
-                log(f"note: {len(job)} photos did not reach {out} (a worker lost mid-run?): labelling them again")
-        else:
-            raise DataError(f"{len(job)} photos did not reach {out} after {1 + JOB_RERUNS} Ray jobs (workers "
-                            "lost?); run the same command again: it labels only those")
+            done = _preds_folder(out, model_path, top_k)[2]
+            return [p for p in rows if p not in done]
+
+        _until_stored(job, todo, str(out), log)
     elif todo:
         import uuid
 
