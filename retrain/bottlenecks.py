@@ -62,7 +62,9 @@ def feature_session(backbone: Backbone, *, provider: str = "auto", precision: st
     from retrain.features import features_onnx
     from retrain.runtime import OnnxEngine, make_session, openvino_session
 
-    key = (backbone.name, provider, precision, batch if precision == "bf16" else None)
+    # The whole Backbone (frozen, hashable) is the key: one process may run a network at two
+    # sizes (a head-only fit at 288 px, then a fine-tune at 224; the Python API).
+    key = (backbone, provider, precision, batch if precision == "bf16" else None)
     with _SESSIONS_LOCK:  # one build per key, also while a background thread is at it (fit.load_data)
         if key not in _SESSIONS:
             path = features_onnx(backbone, precision=precision, log=log)

@@ -195,6 +195,18 @@ def test_openvino_static_batch_pads_short_batches_and_keeps_order():
     assert np.allclose(np.concatenate([got["a"], got["b"]]), whole, atol=1e-3)
 
 
+def test_one_process_runs_one_network_at_two_sides(tmp_path):
+    """The Python API (or a head-only fit then a fine-tune) may ask for lite0 at 288 and at 224
+    in one process: each side gets its own engine and its own features."""
+    s = scan(EXAMPLES, quiet=True)
+    items = s.items[:4]
+    small = BB.at_size(224)
+    big, _, _ = extract(items, BB, BottleneckCache(tmp_path / "a", BB), quiet=True)
+    little, fails, _ = extract(items, small, BottleneckCache(tmp_path / "b", small), quiet=True)
+    assert not fails and not np.allclose(big, little, atol=1e-3)
+    assert feature_session(BB) is not feature_session(small)
+
+
 # ------------------------------------------------------------------ a cache shared by several processes
 
 def _made_up(n: int, seed: int):
