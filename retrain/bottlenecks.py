@@ -163,12 +163,17 @@ def plan_backbone(cfg, precision: str, *, log=None) -> tuple[Backbone, str]:
                       mean=getattr(cfg, "input_mean", None), std=getattr(cfg, "input_std", None),
                       height=getattr(cfg, "input_height", None), width=getattr(cfg, "input_width", None),
                       log=log, quiet=cfg.quiet)
+    if cfg.fine_tune and bb.kind == "concat":  # fine-tuning trains one network: the first
+        log(f"Fine-tuning trains {bb.parts[0]}, the first network of {bb.name}, alone "
+            "(--architecture NAME fine-tunes another)")
+        bb = get_backbone(bb.parts[0], height=getattr(cfg, "input_height", None),
+                          width=getattr(cfg, "input_width", None))
     if cfg.fine_tune and not bb.can_fine_tune:
         raise bb.fine_tune_error()
     if cfg.fine_tune and bb.train_size and getattr(cfg, "input_height", None) is None \
             and getattr(cfg, "input_width", None) is None:
         bb = bb.at_size(bb.train_size)  # fine-tuning trains the network at the side it was trained at
-    if bb.kind == "torch" or precision == "fp32":
+    if bb.kind in ("torch", "concat") or precision == "fp32":
         return bb, precision
     try:
         feature_session(bb, provider=cfg.provider, precision=precision, batch=cfg.batch_size, log=log)

@@ -12,6 +12,11 @@ from retrain.errors import ConfigError, did_you_mean
 
 MEAN_RANGE = (-1e4, 1e4)  # as for --input_mean
 STD_RANGE = (1e-6, 1e4)  # as for --input_std
+# The default backbone: EfficientNet-Lite0 and -Lite1 side by side at 288 px, their pooled
+# features concatenated (2,560 wide): +1.3 to +1.6 points of 5-fold cross-validated accuracy on
+# the flowers over Lite0 alone, at about twice the compute (BENCHMARKS.md, issue 15, third pass).
+# --fine-tune trains the first of them (retrain.bottlenecks.plan_backbone).
+DEFAULT_ARCHITECTURE = "efficientnet_lite0+efficientnet_lite1"
 
 
 def opt(default, help: str, *aliases: str, choices=None, metavar=None, range=None):
@@ -73,8 +78,9 @@ class FitConfig:
     validation_percentage: float = opt(10.0, "percent of images for the validation split",
                                        "--validation_percentage", range=(0.01, 89.99))
     # --- backbone and bottlenecks
-    architecture: str = opt("efficientnet_lite0", "frozen ImageNet backbone: a name from `retrain backbones` "
-                            "(the codelab's mobilenet_<width>_<size> and inception_v3 too), or an .onnx image "
+    architecture: str = opt(DEFAULT_ARCHITECTURE, "frozen ImageNet backbone: a name from `retrain backbones` "
+                            "(the codelab's mobilenet_<width>_<size> and inception_v3 too), built-in ones joined "
+                            "with '+' (features side by side; --fine-tune trains the first), or an .onnx image "
                             "classifier or feature extractor: a path or an https:// URL", "--architecture")
     bottleneck_tensor: str | None = opt(None, "ONNX backbone: the tensor taken as features (default: found: the "
                                         "input of the final Gemm/MatMul, or the model's output)", metavar="NAME")
@@ -176,7 +182,7 @@ class FitConfig:
     fine_tune: bool = opt(False, "also train the last backbone blocks (slower, more accurate)", "--fine_tune")
     unfreeze: int = opt(8, "backbone blocks unfrozen by --fine-tune, counted from the end (with the "
                         "final 1x1 convolution)", range=(1, 16))
-    epochs: int = opt(8, "fine-tuning epochs (fewer when validation stops improving in the second half)",
+    epochs: int = opt(6, "fine-tuning epochs (fewer when validation stops improving in the second half)",
                      range=(1, 1000))
     resume: bool = opt(False, "continue an interrupted --fine-tune from its checkpoint")
     fine_tune_bf16: bool = opt(False, "fine-tune with bf16 autocast on CPUs with bf16 units (AMX, AVX-512 BF16). "

@@ -31,6 +31,7 @@ import time
 
 import numpy as np
 
+from retrain.config import DEFAULT_ARCHITECTURE
 from retrain.errors import ConfigError, DataError, MissingDependency
 
 RAY_VERSION = "2.60"  # retrain[ray] pins this minor release: Ray Data's API moves between releases
@@ -191,7 +192,7 @@ class Embedder:
                           errors)
 
 
-def embed_ray(image_dir, out, *, address: str, architecture: str = "efficientnet_lite0", precision: str = "auto",
+def embed_ray(image_dir, out, *, address: str, architecture: str = DEFAULT_ARCHITECTURE, precision: str = "auto",
               dtype: str = "float16", batch_size: int = 8, actors: int | None = None, actor_cpus: float = 1.0,
               rows_per_file: int = ROWS_PER_FILE, quiet: bool = True, log=None) -> dict:
     """`retrain embed --ray`: the rows missing from the store computed on the cluster at `address`.

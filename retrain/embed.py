@@ -13,11 +13,12 @@ from __future__ import annotations
 import sys
 import time
 
+from retrain.config import DEFAULT_ARCHITECTURE
 from retrain.errors import ConfigError
 from retrain.progress import Log
 
 
-def embed(image_dir, out, *, architecture: str = "efficientnet_lite0", precision: str = "auto",
+def embed(image_dir, out, *, architecture: str = DEFAULT_ARCHITECTURE, precision: str = "auto",
           dtype: str = "float16", provider: str = "auto", batch_size: int = 8, workers: int | None = None,
           quiet: bool = True, log=None, rows_per_file: int | None = None) -> dict:
     """Bottlenecks of every photo in `image_dir` (class subfolders) into the store at `out`, in
@@ -86,7 +87,7 @@ def add_arguments(p) -> None:
                    "reaches, e.g. s3://bucket/features)")
     p.add_argument("--ray", metavar="ADDRESS", help="compute on a Ray cluster (its head's address, e.g. "
                    "10.0.0.5:6379; 'auto' for the cluster this machine belongs to); needs retrain[ray]")
-    p.add_argument("--architecture", default="efficientnet_lite0", help="frozen ImageNet backbone")
+    p.add_argument("--architecture", default=DEFAULT_ARCHITECTURE, help="frozen ImageNet backbone (default %(default)s, as retrain fit's)")
     p.add_argument("--bottleneck-precision", "--bottleneck_precision", default="auto",
                    choices=("auto", "fp32", "bf16", "int8"), help="as retrain fit's (default auto)")
     p.add_argument("--dtype", default="float16", choices=("float16", "float32"),

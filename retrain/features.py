@@ -51,6 +51,24 @@ def feature_module(model):
     return Features(model).eval()
 
 
+def feature_net(bb: Backbone):
+    """The torch module (N, 3, H, W) -> (N, feature_dim) of a built-in backbone, or of built-in
+    backbones side by side (kind concat: each one's pooled features, concatenated in order)."""
+    if bb.kind != "concat":
+        return feature_module(build_torch(bb))
+    import torch
+
+    class Concat(torch.nn.Module):
+        def __init__(self, nets):
+            super().__init__()
+            self.nets = torch.nn.ModuleList(nets)
+
+        def forward(self, x):
+            return torch.cat([net(x) for net in self.nets], dim=1)
+
+    return Concat([feature_module(build_torch(m)) for m in bb.members]).eval()
+
+
 def export_onnx(module, path: Path, size: int, *, output_name: str = "features") -> None:
     """Export a torch module (N,3,size,size) -> (N,C) to ONNX with a dynamic batch axis."""
     import warnings
@@ -82,7 +100,7 @@ def features_onnx(bb: Backbone, *, precision: str = "fp32", log=None) -> Path:
     out = cache_root() / "backbones" / f"{bb.name}-{bb.fingerprint()}.onnx"
     if out.is_file():
         return out
-    if bb.kind != "torch":  # cut again from its source file (the cached graph was removed)
+    if bb.kind not in ("torch", "concat"):  # cut again from its source file (the cached graph was removed)
         from retrain import onnx_backbone as ob
 
         if not Path(bb.source).is_file():
@@ -95,7 +113,7 @@ def features_onnx(bb: Backbone, *, precision: str = "fp32", log=None) -> Path:
         ob.save_atomic(info["graph"], out, {**backbone_record(bb), "fingerprint": bb.fingerprint()})
         return out
     log(f"Exporting {bb.name} to ONNX once (cached in {out.parent}) ...")
-    export_checked(feature_module(build_torch(bb)), out, bb.image_size, expect=(bb.feature_dim,),
+    export_checked(feature_net(bb), out, bb.image_size, expect=(bb.feature_dim,),
                    sidecar={**asdict(bb), "fingerprint": bb.fingerprint()})
     return out
 

@@ -44,6 +44,44 @@ def test_a_built_in_backbone_runs_at_another_side_with_its_own_fingerprint():
         get_backbone("efficientnet_lite0", height=224, width=256)
 
 
+def test_the_default_is_lite0_and_lite1_side_by_side():
+    from retrain.config import DEFAULT_ARCHITECTURE, FitConfig
+
+    bb = get_backbone(FitConfig().architecture)
+    assert bb.name == DEFAULT_ARCHITECTURE == "efficientnet_lite0+efficientnet_lite1"
+    assert (bb.kind, bb.image_size, bb.feature_dim) == ("concat", 288, 2560)
+    assert [m.name for m in bb.members] == ["efficientnet_lite0", "efficientnet_lite1"]
+    assert all(m.image_size == 288 for m in bb.members)  # both networks see the same photo
+    small = get_backbone(DEFAULT_ARCHITECTURE, height=224)
+    assert small.image_size == 224 and {m.image_size for m in small.members} == {224}
+    assert small.fingerprint() != bb.fingerprint() != get_backbone("efficientnet_lite0").fingerprint()
+    assert get_backbone("efficientnet-lite2+efficientnet-lite0").parts == ("efficientnet_lite2", "efficientnet_lite0")
+    for bad, says in (("efficientnet_lite0+lite9", "each must be a different built-in one"),
+                      ("efficientnet_lite0+efficientnet_lite0", "each must be a different built-in one"),
+                      ("efficientnet_lite0+efficientnet_lite3", "Did you mean 'efficientnet_lite")):
+        with pytest.raises(ConfigError, match=says):
+            get_backbone(bad)
+
+
+def test_side_by_side_features_are_each_networks_own_features(tmp_path):
+    """The default's features graph gives, for each photo, lite0's 1,280 features then lite1's,
+    both computed at 288 px: what the two networks give alone."""
+    import numpy as np
+
+    from conftest import EXAMPLES
+    from retrain.bottlenecks import extract
+    from retrain.cache import BottleneckCache
+    from retrain.scan import scan
+
+    items = scan(EXAMPLES, quiet=True).items[::15]
+    both = get_backbone("efficientnet_lite0+efficientnet_lite1")
+    X, fails, _ = extract(items, both, BottleneckCache(tmp_path, both), quiet=True)
+    assert not fails and X.shape == (len(items), 2560)
+    for m, cols in zip(both.members, (slice(0, 1280), slice(1280, 2560))):
+        alone, _, _ = extract(items, m, BottleneckCache(tmp_path, m), quiet=True)
+        assert np.allclose(X[:, cols], alone, atol=1e-3, rtol=1e-3), m.name
+
+
 @pytest.mark.slow  # exports the backbone at a new side
 def test_fit_at_another_input_side_writes_a_model_of_that_side(tiny_dataset, tmp_path):
     from conftest import one_error_line, run_cli
@@ -115,6 +153,8 @@ def test_backbones_command_lists_every_known_backbone_and_what_is_offline():
         assert any(line.startswith(name + " ") for line in lines), name
     lite = next(line for line in lines if line.startswith("efficientnet_lite0 "))
     assert " yes " in lite and "288 px" in lite and "75.1%" in lite
+    both = next(line for line in lines if line.startswith("efficientnet_lite0+efficientnet_lite1 "))
+    assert " yes " in both and "the default" in both and "10.1M" in both
     incep = next(line for line in lines if line.startswith("inception_v3 "))
     assert "299 px" in incep and "download" in incep and "95.3 MB" in incep
     assert "mobilenet_0.50_* -> mobilenetv2_050" in p.stdout

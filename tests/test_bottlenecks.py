@@ -13,11 +13,13 @@ from conftest import EXAMPLES, make_dataset, run_cli
 from retrain.architectures import get_backbone
 from retrain.bottlenecks import choose_precision, extract, feature_session
 from retrain.cache import BottleneckCache
+from retrain.config import DEFAULT_ARCHITECTURE
 from retrain.errors import ConfigError
 from retrain.runtime import cpu_has_bf16, openvino_available
 from retrain.scan import scan
 
 BB = get_backbone("efficientnet_lite0")
+DEFAULT = get_backbone(DEFAULT_ARCHITECTURE)  # what `retrain fit` uses when no --architecture is given
 
 
 def test_cache_reuses_and_matches(tiny_dataset, tmp_path):
@@ -97,7 +99,7 @@ def test_ctrl_c_during_bottlenecks_keeps_what_was_computed(tmp_path):
                         "--cache-dir", str(cache), "--batch-size", "8"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 130 and "finished work is kept" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "run").exists()
-    done = len(BottleneckCache(cache, BB, precision=choose_precision("auto")))
+    done = len(BottleneckCache(cache, DEFAULT, precision=choose_precision("auto")))
     assert 16 <= done < 240, done
     r = run_cli("fit", data, "-o", tmp_path / "run", "--cache-dir", cache)
     assert f"{240 - done} computed" in r.stderr and f"{done} from cache" in r.stderr
@@ -115,7 +117,7 @@ def test_kill_9_during_bottlenecks_then_resume(tmp_path):
         time.sleep(0.01)
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
-    done = len(BottleneckCache(cache, BB, precision=choose_precision("auto")))  # the default's cache
+    done = len(BottleneckCache(cache, DEFAULT, precision=choose_precision("auto")))  # the default's cache
     assert 0 < done < 240, done
     r = run_cli("fit", data, "-o", tmp_path / "run", "--cache-dir", cache)
     assert f"{240 - done} computed" in r.stderr and f"{done} from cache" in r.stderr

@@ -15,6 +15,7 @@ from conftest import make_dataset, run_cli
 from retrain.architectures import get_backbone
 from retrain.bottlenecks import choose_precision, extract
 from retrain.cache import BottleneckCache
+from retrain.config import DEFAULT_ARCHITECTURE
 from retrain.scan import scan
 
 BB = get_backbone("efficientnet_lite0")
@@ -87,9 +88,10 @@ def test_fit_reads_an_npz_cache_with_one_line(tmp_path):
     data = make_dataset(tmp_path / "photos")
     items = scan(data, quiet=True).items
     precision = choose_precision("auto")  # the CLI's default, and so the folder it reads
-    real, _, _ = extract(items, BB, BottleneckCache(tmp_path / "elsewhere", BB, precision=precision), quiet=True)
+    bb = get_backbone(DEFAULT_ARCHITECTURE)  # the CLI's default backbone
+    real, _, _ = extract(items, bb, BottleneckCache(tmp_path / "elsewhere", bb, precision=precision), quiet=True)
     folder, _ = write_npz_cache(tmp_path / "c", [bytes.fromhex(it.digest) for it in items], real, shards=1,
-                                precision=precision)
+                                precision=precision, bb=bb)
     r = run_cli("fit", data, "-o", tmp_path / "run", "--cache-dir", tmp_path / "c")
     assert f"Bottleneck cache: migrated 1 .npz shard (18 features) to Parquet in {folder}" in r.stderr
     assert "Bottlenecks:" not in r.stderr  # (the line that says how many were computed)

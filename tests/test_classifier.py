@@ -47,11 +47,12 @@ def test_what_the_model_says_about_itself(clf, tiny_run):
     assert clf.labels == ["circle", "squares", "stripes"]
     assert clf.path == tiny_run / "model.onnx"
     d = clf.describe()
-    # EfficientNet-Lite0's head-only features: 288 px (above its 224 training side), crop size / (size + 32)
+    # The default's head-only features (Lite0 and Lite1 side by side): 288 px (above Lite0's 224
+    # training side), crop size / (size + 32)
     assert d["input_size"] == [288, 288] and d["mean"] == 127.0 and d["std"] == 128.0
     assert d["crop_fraction"] == pytest.approx(288 / 320)
     assert d["input_name"] == "input" and d["output_name"] == "final_result"
-    assert d["architecture"] == "efficientnet_lite0" and clf.tta_default is False
+    assert d["architecture"] == "efficientnet_lite0+efficientnet_lite1" and clf.tta_default is False
 
 
 def test_classify_matches_a_plain_session_fed_by_hand(clf, tiny_run, photos):

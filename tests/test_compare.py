@@ -57,7 +57,7 @@ def test_compare_json_rows(sweep):
     assert [r["learning_rate"] for r in rows] == [0.5, 0.01]  # in the order given
     for r in rows:
         assert [s for s, _ in r["curve"]] == [10, 20, 30, 40]
-        assert r["steps"] == 40 and r["architecture"] == "efficientnet_lite0"
+        assert r["steps"] == 40 and r["architecture"] == "efficientnet_lite0+efficientnet_lite1"
         assert r["device"].startswith(("CPU", "GPU"))
     best = json.loads(run_cli("compare", out, "--json", "--sort", "test_accuracy").stdout)
     assert best[0]["test_accuracy"] >= best[1]["test_accuracy"]

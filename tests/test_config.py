@@ -128,7 +128,7 @@ def test_fit_help_lists_every_flag_with_its_default():
     out = " ".join(run_cli("fit", "--help").stdout.split())  # argparse wraps the lines
     for f in FIELDS:
         assert f"--{f.name.replace('_', '-')}" in out, f.name
-    assert "(default: 10.0)" in out and "(default: efficientnet_lite0)" in out
+    assert "(default: 10.0)" in out and "(default: efficientnet_lite0+efficientnet_lite1)" in out
 
 
 @pytest.mark.parametrize("args,flag", [

@@ -38,6 +38,7 @@ def test_embed_features_equal_the_bottlenecks_of_fit(tmp_path, tiny_dataset):
     from retrain.architectures import get_backbone
     from retrain.bottlenecks import extract
     from retrain.cache import BottleneckCache
+    from retrain.config import DEFAULT_ARCHITECTURE
     from retrain.embed import embed
     from retrain.scan import scan
 
@@ -46,7 +47,7 @@ def test_embed_features_equal_the_bottlenecks_of_fit(tmp_path, tiny_dataset):
     st = FeatureStore.open(tmp_path / "store")
     _, paths, _, X, _ = st.read_all()
     s = scan(tiny_dataset, quiet=True)
-    bb = get_backbone("efficientnet_lite0")
+    bb = get_backbone(DEFAULT_ARCHITECTURE)  # embed's default is fit's
     feats, _, _ = extract(s.items, bb, BottleneckCache(tmp_path / "cache", bb), quiet=True)
     by_path = {it.path: feats[i] for i, it in enumerate(s.items)}
     ref = np.stack([by_path[p] for p in paths])

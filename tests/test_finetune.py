@@ -50,10 +50,13 @@ def test_fine_tune_one_epoch_exports_a_self_contained_model(tmp_path):
     out = tmp_path / "run"
     p = run_cli("fit", data, "-o", out, "--fine-tune", "--epochs", "1", "--unfreeze", "1", "--tta")
     assert "Fine-tuning: blocks 15-15" in p.stderr and "epoch 1:" in p.stderr
+    assert "Fine-tuning trains efficientnet_lite0, the first network of efficientnet_lite0+efficientnet_lite1" \
+        in p.stderr  # the default joins two networks; fine-tuning trains one
     rep = json.loads((out / "report.json").read_text())
+    assert rep["architecture"] == "efficientnet_lite0" and rep["backbone"]["feature_dim"] == 1280
     ft = rep["train"]["fine_tune"]
     assert ft["epochs_run"] == 1 and ft["first_unfrozen_block"] == 15
-    assert ft["views_per_image"] == 6  # cached distorted views even without distortion flags
+    assert ft["views_per_image"] == 3  # cached distorted views even without distortion flags
     assert ft["mixup_alpha"] > 0 and ft["dropout"] > 0  # the report records the recipe that made the model
     assert rep["export_parity_max_abs_diff"] < 2e-3
     assert not (tmp_path / ".run.fine-tune-checkpoint.pt").exists()  # finished: removed

@@ -169,7 +169,7 @@ def test_labels_txt_matches_metadata(flowers_run):
 
 def test_report_records_config_split_metrics_timings(flowers_run):
     r = json.loads((flowers_run / "report.json").read_text())
-    assert r["config"]["architecture"] == "efficientnet_lite0"
+    assert r["config"]["architecture"] == r["architecture"] == "efficientnet_lite0+efficientnet_lite1"
     assert sum(r["split_counts"].values()) == 60
     assert {"train", "validation", "test"} <= set(r["metrics"])  # (+ cross_validation for small data)
     assert r["timings"]["total_s"] > 0 and r["export_parity_max_abs_diff"] < 2e-3

@@ -169,11 +169,11 @@ def test_batch_endpoint_gives_one_result_per_image(server, flowers_run):
 def test_model_health_and_spec(server, flowers_run):
     m = httpx.get(f"{server.url}/v1/model").json()
     assert m["labels"] == ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
-    assert m["architecture"] == "efficientnet_lite0"
+    assert m["architecture"] == "efficientnet_lite0+efficientnet_lite1"  # the default
     assert m["input_size"] == [288, 288]
     report = json.loads((flowers_run / "report.json").read_text())
     assert m["metrics"]["test"]["accuracy"] == pytest.approx(report["metrics"]["test"]["accuracy"])
-    assert m["model_id"].startswith("efficientnet_lite0-") and len(m["model_id"].split("-")[-1]) == 12
+    assert m["model_id"].startswith("efficientnet_lite0+efficientnet_lite1-") and len(m["model_id"].split("-")[-1]) == 12
     assert m["limits"]["max_upload_bytes"] == 2 * 1024 * 1024
     assert str(flowers_run) not in json.dumps(m)  # no server paths
     h = httpx.get(f"{server.url}/healthz").json()

@@ -60,7 +60,7 @@ def test_weight_histograms_and_pr_curves(sgd_run):
     acc = _accumulator(tb / "train")
     assert set(acc.Tags()["histograms"]) == {"final_layer/weights", "final_layer/biases"}
     w = acc.Histograms("final_layer/weights")[-1]
-    assert w.step == 60 and w.histogram_value.num == 1280 * 3  # (C, K) weights of the head
+    assert w.step == 60 and w.histogram_value.num == 2560 * 3  # (C, K) weights of the head (the default's 2,560 features)
     labels = report["labels"]
     assert set(acc.Tags()["tensors"]) == {f"pr_curve/{c}" for c in labels}
     te = report["metrics"]["test"]
@@ -84,7 +84,7 @@ def test_projector_has_every_bottleneck_with_labels_and_thumbnails(sgd_run):
     (emb,) = cfg.embeddings
     folder = tb / "train"
     X = np.loadtxt(folder / emb.tensor_path, delimiter="\t")
-    assert X.shape == (30, 1280)
+    assert X.shape == (30, 2560)
     meta = (folder / emb.metadata_path).read_text().splitlines()
     assert meta[0] == "label\tsplit\tfile" and len(meta) == 31
     rows = [m.split("\t") for m in meta[1:]]
@@ -158,9 +158,9 @@ def test_stock_tensorboard_serves_it(sgd_run):
         assert [s[1] for s in scalars] == [h["step"] for h in report["history"]]
         assert json.loads(get("/data/plugin/projector/runs")) == ["train"]
         info = json.loads(get("/data/plugin/projector/info?run=train"))
-        assert info["embeddings"][0]["tensorShape"] == [30, 1280]
+        assert info["embeddings"][0]["tensorShape"] == [30, 2560]
         raw = get("/data/plugin/projector/tensor?run=train&name=bottlenecks")
-        assert len(raw) == 30 * 1280 * 4  # float32 for the browser
+        assert len(raw) == 30 * 2560 * 4  # float32 for the browser
         assert get("/data/plugin/projector/sprite_image?run=train&name=bottlenecks")[:2] == b"\xff\xd8"
         meta = get("/data/plugin/projector/metadata?run=train&name=bottlenecks").decode()
         assert meta.startswith("label\tsplit\tfile")
