@@ -188,14 +188,16 @@ BACKBONES: dict[str, Backbone] = {
 
 
 def concat_backbone(names: list[str], key: str) -> Backbone:
-    """Built-in backbones side by side ('efficientnet_lite0+efficientnet_lite1'), at the first one's
-    side, their features concatenated."""
+    """Built-in backbones side by side ('efficientnet_lite0+efficientnet_lite1'), their features
+    concatenated, at the side the first one was trained at (224 px for lite0 first): on the
+    flowers, Lite0 + Lite1 at 224 px scored as well as at 288 (better on validation, 0.2-0.3
+    points lower in 5-fold cross-validation) for 0.69x the time (BENCHMARKS.md, issue 15)."""
     unknown = [n for n in names if n not in BACKBONES]
     if unknown or len(names) < 2 or len(set(names)) != len(names):
         raise ConfigError(f"'{key}' joins backbones with '+'; each must be a different built-in one of "
                           f"{', '.join(BACKBONES)}, got {', '.join(unknown) or key}.{did_you_mean(unknown[0], BACKBONES) if unknown else ''}")
     parts = [BACKBONES[n] for n in names]
-    return Backbone("+".join(names), image_size=parts[0].image_size, feature_dim=sum(p.feature_dim for p in parts),
+    return Backbone("+".join(names), image_size=parts[0].train_size or parts[0].image_size, feature_dim=sum(p.feature_dim for p in parts),
                     params=sum(p.params for p in parts), kind="concat", parts=tuple(names))
 
 

@@ -123,7 +123,7 @@ DESCRIPTIONS = {
                           "--fine-tune trains by default",
     "efficientnet_lite1": "EfficientNet-Lite1, 5.4M parameters, trained at 240 px (features at 280)",
     "efficientnet_lite2": "EfficientNet-Lite2, 6.1M parameters, at 260 px",
-    DEFAULT_ARCHITECTURE: "Lite0 and Lite1 side by side at 288 px, 2,560 features: the default (head only)",
+    DEFAULT_ARCHITECTURE: "Lite0 and Lite1 side by side at 224 px, 2,560 features: the default (head only)",
 }
 
 

@@ -12,9 +12,10 @@ from retrain.errors import ConfigError, did_you_mean
 
 MEAN_RANGE = (-1e4, 1e4)  # as for --input_mean
 STD_RANGE = (1e-6, 1e4)  # as for --input_std
-# The default backbone: EfficientNet-Lite0 and -Lite1 side by side at 288 px, their pooled
-# features concatenated (2,560 wide): +1.3 to +1.6 points of 5-fold cross-validated accuracy on
-# the flowers over Lite0 alone, at about twice the compute (BENCHMARKS.md, issue 15, third pass).
+# The default backbone: EfficientNet-Lite0 and -Lite1 side by side at 224 px, their pooled
+# features concatenated (2,560 wide): +0.7 to +1.3 points of 5-fold cross-validated accuracy on
+# the flowers over Lite0 alone at 288 px, for 1.3x its bottleneck time (BENCHMARKS.md, issue 15,
+# third pass).
 # --fine-tune trains the first of them (retrain.bottlenecks.plan_backbone).
 DEFAULT_ARCHITECTURE = "efficientnet_lite0+efficientnet_lite1"
 
@@ -182,7 +183,7 @@ class FitConfig:
     fine_tune: bool = opt(False, "also train the last backbone blocks (slower, more accurate)", "--fine_tune")
     unfreeze: int = opt(8, "backbone blocks unfrozen by --fine-tune, counted from the end (with the "
                         "final 1x1 convolution)", range=(1, 16))
-    epochs: int = opt(6, "fine-tuning epochs (fewer when validation stops improving in the second half)",
+    epochs: int = opt(8, "fine-tuning epochs (fewer when validation stops improving in the second half)",
                      range=(1, 1000))
     resume: bool = opt(False, "continue an interrupted --fine-tune from its checkpoint")
     fine_tune_bf16: bool = opt(False, "fine-tune with bf16 autocast on CPUs with bf16 units (AMX, AVX-512 BF16). "

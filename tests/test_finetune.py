@@ -56,7 +56,7 @@ def test_fine_tune_one_epoch_exports_a_self_contained_model(tmp_path):
     assert rep["architecture"] == "efficientnet_lite0" and rep["backbone"]["feature_dim"] == 1280
     ft = rep["train"]["fine_tune"]
     assert ft["epochs_run"] == 1 and ft["first_unfrozen_block"] == 15
-    assert ft["views_per_image"] == 3  # cached distorted views even without distortion flags
+    assert ft["views_per_image"] == 6  # cached distorted views even without distortion flags
     assert ft["mixup_alpha"] > 0 and ft["dropout"] > 0  # the report records the recipe that made the model
     assert rep["export_parity_max_abs_diff"] < 2e-3
     assert not (tmp_path / ".run.fine-tune-checkpoint.pt").exists()  # finished: removed
