@@ -2,6 +2,7 @@
 
     python benchmarks/bench_finetune_speed.py                 # every variant, 3 interleaved rounds
     python benchmarks/bench_finetune_speed.py --only baseline,unfreeze-5 --rounds 5
+    python benchmarks/bench_finetune_speed.py --profile      # where the baseline's step goes
 
 One training step is what each epoch repeats: the unfrozen tail of EfficientNet-Lite0 (real
 ImageNet weights, `retrain.backbone_split.make_tail`) forward and backward on a batch of cached
@@ -89,13 +90,32 @@ def build(opts: dict):
     return step, n, shape
 
 
+def profile() -> int:
+    """The baseline's step under torch.profiler: the operators that take its time."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    step, _, _ = build({})
+    step(), step()  # warm-up
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default=",".join(VARIANTS), help="comma list of: " + ", ".join(VARIANTS))
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     ap.add_argument("--steps", type=int, default=6, help="timed steps per variant and round (default 6)")
     ap.add_argument("--json", type=Path, help="also write the rows here")
+    ap.add_argument("--profile", action="store_true", help="profile 3 steps of the baseline instead (torch.profiler)")
     a = ap.parse_args()
+    if a.profile:
+        return profile()
     names = a.only.split(",")
     unknown = [n for n in names if n not in VARIANTS]
     if unknown or "baseline" not in names:

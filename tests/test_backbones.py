@@ -49,12 +49,12 @@ def test_the_default_is_lite0_and_lite1_side_by_side():
 
     bb = get_backbone(FitConfig().architecture)
     assert bb.name == DEFAULT_ARCHITECTURE == "efficientnet_lite0+efficientnet_lite1"
-    assert (bb.kind, bb.image_size, bb.feature_dim) == ("concat", 288, 2560)
+    assert (bb.kind, bb.image_size, bb.feature_dim) == ("concat", 224, 2560)  # at Lite0's training side
     assert [m.name for m in bb.members] == ["efficientnet_lite0", "efficientnet_lite1"]
-    assert all(m.image_size == 288 for m in bb.members)  # both networks see the same photo
-    small = get_backbone(DEFAULT_ARCHITECTURE, height=224)
-    assert small.image_size == 224 and {m.image_size for m in small.members} == {224}
-    assert small.fingerprint() != bb.fingerprint() != get_backbone("efficientnet_lite0").fingerprint()
+    assert all(m.image_size == 224 for m in bb.members)  # both networks see the same photo
+    big = get_backbone(DEFAULT_ARCHITECTURE, height=288)
+    assert big.image_size == 288 and {m.image_size for m in big.members} == {288}
+    assert big.fingerprint() != bb.fingerprint() != get_backbone("efficientnet_lite0").fingerprint()
     assert get_backbone("efficientnet-lite2+efficientnet-lite0").parts == ("efficientnet_lite2", "efficientnet_lite0")
     for bad, says in (("efficientnet_lite0+lite9", "each must be a different built-in one"),
                       ("efficientnet_lite0+efficientnet_lite0", "each must be a different built-in one"),
@@ -65,7 +65,7 @@ def test_the_default_is_lite0_and_lite1_side_by_side():
 
 def test_side_by_side_features_are_each_networks_own_features(tmp_path):
     """The default's features graph gives, for each photo, lite0's 1,280 features then lite1's,
-    both computed at 288 px: what the two networks give alone."""
+    both computed at 224 px: what the two networks give alone."""
     import numpy as np
 
     from conftest import EXAMPLES

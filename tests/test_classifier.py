@@ -47,10 +47,10 @@ def test_what_the_model_says_about_itself(clf, tiny_run):
     assert clf.labels == ["circle", "squares", "stripes"]
     assert clf.path == tiny_run / "model.onnx"
     d = clf.describe()
-    # The default's head-only features (Lite0 and Lite1 side by side): 288 px (above Lite0's 224
-    # training side), crop size / (size + 32)
-    assert d["input_size"] == [288, 288] and d["mean"] == 127.0 and d["std"] == 128.0
-    assert d["crop_fraction"] == pytest.approx(288 / 320)
+    # The default's head-only features (Lite0 and Lite1 side by side): 224 px (Lite0's training
+    # side), crop size / (size + 32)
+    assert d["input_size"] == [224, 224] and d["mean"] == 127.0 and d["std"] == 128.0
+    assert d["crop_fraction"] == pytest.approx(224 / 256)
     assert d["input_name"] == "input" and d["output_name"] == "final_result"
     assert d["architecture"] == "efficientnet_lite0+efficientnet_lite1" and clf.tta_default is False
 
@@ -80,7 +80,7 @@ def test_bytes_and_paths_give_the_same_answer(clf, photos):
 
 def test_predict_gives_probabilities_and_top_k_is_capped(clf, photos):
     x = np.stack([clf.load_image(str(p)) for p in photos])
-    assert x.shape == (3, 288, 288, 3) and x.dtype == np.uint8
+    assert x.shape == (3, 224, 224, 3) and x.dtype == np.uint8
     p = clf.predict(x)
     assert p.shape == (3, 3) and np.allclose(p.sum(1), 1, atol=1e-4) and (p >= 0).all()
     top = clf.top_k(p[0], 10)
@@ -109,7 +109,7 @@ def test_failures_are_nan_rows_and_reasons(clf, photos, tmp_path):
         clf.load_image(b"not an image")
     buf = io.BytesIO()
     Image.new("RGB", (5, 300), (0, 200, 0)).save(buf, "PNG")  # any shape comes out the model's size
-    assert clf.load_image(buf.getvalue()).shape == (288, 288, 3)
+    assert clf.load_image(buf.getvalue()).shape == (224, 224, 3)
 
 
 def test_a_model_without_metadata_needs_a_labels_file(tiny_run, tmp_path, photos):
@@ -126,7 +126,7 @@ def test_a_model_without_metadata_needs_a_labels_file(tiny_run, tmp_path, photos
 
 
 def test_overrides_change_the_preprocessing(tiny_run, photos):
-    with pytest.raises(ConfigError, match="takes 288x288 images"):  # the graph's input is fixed
+    with pytest.raises(ConfigError, match="takes 224x224 images"):  # the graph's input is fixed
         Classifier(tiny_run, provider="cpu", input_height=112, input_width=112)
     shifted = Classifier(tiny_run, provider="cpu", input_mean=0.0, input_std=255.0)
     plain = Classifier(tiny_run, provider="cpu")

@@ -69,10 +69,10 @@ def test_codelab_flags(e2e, tmp_path):
     # label_image.py's flags, with the renamed output.
     img = held / "stripes" / "stripes_1.jpg"
     codelab = ("--graph", tmp_path / "g.onnx", "--labels", tmp_path / "l.txt",
-               "--output_layer", "probs", "--input_height", "288", "--input_width", "288")
+               "--output_layer", "probs", "--input_height", "224", "--input_width", "224")
     r = run_cli("label", *codelab, "--image", img, "--input_mean", "127", "--input_std", "128")
     # The same answer, to the printed digit, as the run folder's model with its own metadata
-    # (mean 127, std 128, 288 px): the flags reached the preprocessing ...
+    # (mean 127, std 128, 224 px): the flags reached the preprocessing ...
     assert r.stdout == run_cli("label", tmp_path / "run", img).stdout
     assert sorted(line.split(" (score=")[0] for line in r.stdout.splitlines()) == ["circle", "squares", "stripes"]
     # ... and they are used: another mean and std give other answers (the novelty score: the

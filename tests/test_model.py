@@ -39,7 +39,7 @@ BAD = [
     ("labels", '["circle", "", "stripes"]', "a list of class names"),
     ("labels", '["circle", "squares"]', "has 2 class names but the model outputs 3 classes"),
     ("input_size", "abc", "a whole number of pixels (16 to 4096)"),
-    ("input_size", "300", "288x288, the size of the model's input"),
+    ("input_size", "300", "224x224, the size of the model's input"),
     ("input_size", "true", "a whole number of pixels"),
     ("crop_fraction", "0", "above 0 and at most 1"),
     ("crop_fraction", "1.5", "above 0 and at most 1"),
@@ -90,7 +90,7 @@ def test_a_long_bad_value_is_cut_short(tiny_run, tmp_path):
 
 def test_a_good_model_loads_and_labels(tiny_run, photo):
     clf = Classifier(tiny_run)
-    assert clf.labels == ["circle", "squares", "stripes"] and (clf.height, clf.width) == (288, 288)
+    assert clf.labels == ["circle", "squares", "stripes"] and (clf.height, clf.width) == (224, 224)
     assert clf.unknown_threshold is None or 0 <= clf.unknown_threshold <= 1
     r = run_cli("label", tiny_run, photo, timeout=60)
     assert r.stdout.splitlines()[0].split(" ")[0] in clf.labels
@@ -115,13 +115,13 @@ def test_validate_metadata_accepts_what_retrain_writes():
 
 def test_size_flags_replace_a_bad_input_size(tiny_run, tmp_path, photo):
     bad = rewrite(tiny_run / "model.onnx", tmp_path / "bad.onnx", "input_size", "abc")
-    clf = Classifier(bad, input_height=288, input_width=288)
-    assert (clf.height, clf.width) == (288, 288)
-    r = run_cli("label", bad, photo, "--input_height", "288", "--input_width", "288", timeout=60)
+    clf = Classifier(bad, input_height=224, input_width=224)
+    assert (clf.height, clf.width) == (224, 224)
+    r = run_cli("label", bad, photo, "--input_height", "224", "--input_width", "224", timeout=60)
     assert r.stdout.split(" ")[0] in clf.labels
     # A size the graph cannot take is one line, not an error from deep inside ONNX Runtime.
-    r = run_cli("label", tiny_run, photo, "--input_height", "224", check=False, timeout=60)
-    assert r.returncode == 2 and "takes 288x288 images" in one_error_line(r.stderr)
+    r = run_cli("label", tiny_run, photo, "--input_height", "288", check=False, timeout=60)
+    assert r.returncode == 2 and "takes 224x224 images" in one_error_line(r.stderr)
 
 
 # ------------------------------------------------------------------ the written model
@@ -145,7 +145,7 @@ def test_plain_onnxruntime_with_metadata_classifies_unseen_photos(flowers_run):
     assert labels == ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
     assert [i.name for i in sess.get_inputs()] == ["input"]
     assert [o.name for o in sess.get_outputs()] == ["final_result", "novelty"]  # probabilities first
-    assert sess.get_inputs()[0].shape[1:] == [3, 288, 288]
+    assert sess.get_inputs()[0].shape[1:] == [3, 224, 224]
     for key in ("architecture", "mean", "std", "input_size", "metrics", "retrain_version"):
         assert key in meta
     correct = 0

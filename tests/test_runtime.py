@@ -31,7 +31,7 @@ def test_cpu_and_auto_resolve_to_a_working_session(tiny_run):
     auto = resolve_providers("AUTO")
     assert (auto[-1] if isinstance(auto[-1], str) else auto[-1][0]) == "CPUExecutionProvider"
     s = make_session(tiny_run / "model.onnx", provider="auto", threads=1)
-    x = np.zeros((1, 3, 288, 288), np.float32)  # lite0's head-only side
+    x = np.zeros((1, 3, 224, 224), np.float32)  # the default model's side
     p = s.run(None, {"input": x})[0]
     assert p.shape == (1, 3) and abs(float(p.sum()) - 1) < 1e-4
     if NO_CUDA and NO_TRT:

@@ -170,7 +170,7 @@ def test_model_health_and_spec(server, flowers_run):
     m = httpx.get(f"{server.url}/v1/model").json()
     assert m["labels"] == ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
     assert m["architecture"] == "efficientnet_lite0+efficientnet_lite1"  # the default
-    assert m["input_size"] == [288, 288]
+    assert m["input_size"] == [224, 224]
     report = json.loads((flowers_run / "report.json").read_text())
     assert m["metrics"]["test"]["accuracy"] == pytest.approx(report["metrics"]["test"]["accuracy"])
     assert m["model_id"].startswith("efficientnet_lite0+efficientnet_lite1-") and len(m["model_id"].split("-")[-1]) == 12
