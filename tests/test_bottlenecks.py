@@ -263,7 +263,7 @@ SHARE_CACHE = ("import sys, retrain.cache as b; b.SHARD_SECONDS = 0.02; b.COMPAC
 def test_two_fits_at_once_on_one_cache_keep_all_features(tmp_path):
     sets = [make_dataset(tmp_path / f"set{i}", per_class=40, seed=i + 1) for i in range(2)]  # 2 x 120 photos
     cache = tmp_path / "cache"
-    BottleneckCache(cache, BB, precision=choose_precision("auto"))  # the folder exists before both start
+    BottleneckCache(cache, DEFAULT, precision=choose_precision("auto"))  # the folder exists before both start
     procs = [subprocess.Popen([sys.executable, "-c", SHARE_CACHE, "fit", str(d), "-o", str(tmp_path / f"run{i}"),
                                "--cache-dir", str(cache), "--batch-size", "8", "--workers", "1", "-q"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -271,7 +271,7 @@ def test_two_fits_at_once_on_one_cache_keep_all_features(tmp_path):
     for p in procs:
         _out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
-    fresh = BottleneckCache(cache, BB, precision=choose_precision("auto"))
+    fresh = BottleneckCache(cache, DEFAULT, precision=choose_precision("auto"))
     want = {bytes.fromhex(it.digest) for d in sets for it in scan(d, quiet=True).items}
     assert len(want) == 240 and fresh.damaged == 0
     assert want <= set(fresh._index), f"{len(want - set(fresh._index))} of 240 features lost"
@@ -376,7 +376,7 @@ def test_kill_9_loses_at_most_the_last_second_of_work(tmp_path):
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
     reader.join(10)
-    on_disk = len(BottleneckCache(cache, BB, precision=choose_precision("auto")))
+    on_disk = len(BottleneckCache(cache, DEFAULT, precision=choose_precision("auto")))
     began_last, _, added = adds[-1]  # the last add the run reported (a later one can only add to the disk)
     # Every add that ended a shard interval before the last one began had reached the disk: what
     # was lost is at most the features added in the last second (plus the batches in the engine).

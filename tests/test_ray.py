@@ -304,12 +304,14 @@ def _fit(src, run, cache, env, *extra, precision="fp32", timeout=400):
 
 
 def _cached(cache_dir, src) -> dict[str, np.ndarray]:
-    """{path: features} of the photos of `src` found in the fp32 cache at `cache_dir` (read afresh)."""
+    """{path: features} of the photos of `src` found in the default backbone's fp32 cache at
+    `cache_dir` (read afresh)."""
     from retrain.architectures import get_backbone
     from retrain.cache import BottleneckCache, key_of
+    from retrain.config import DEFAULT_ARCHITECTURE
     from retrain.scan import scan
 
-    c = BottleneckCache(cache_dir, get_backbone("efficientnet_lite0"), precision="fp32")
+    c = BottleneckCache(cache_dir, get_backbone(DEFAULT_ARCHITECTURE), precision="fp32")
     found = [it for it in scan(src, quiet=True).items if key_of(it.digest) in c]
     return dict(zip((it.path for it in found), c.get([key_of(it.digest) for it in found])))
 
