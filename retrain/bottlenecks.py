@@ -173,7 +173,7 @@ def plan_backbone(cfg, precision: str, *, log=None) -> tuple[Backbone, str]:
     if cfg.fine_tune and bb.train_size and getattr(cfg, "input_height", None) is None \
             and getattr(cfg, "input_width", None) is None:
         bb = bb.at_size(bb.train_size)  # fine-tuning trains the network at the side it was trained at
-    if bb.kind in ("torch", "concat") or precision == "fp32":
+    if bb.built_in or precision == "fp32":
         return bb, precision
     try:
         feature_session(bb, provider=cfg.provider, precision=precision, batch=cfg.batch_size, log=log)

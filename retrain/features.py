@@ -100,7 +100,7 @@ def features_onnx(bb: Backbone, *, precision: str = "fp32", log=None) -> Path:
     out = cache_root() / "backbones" / f"{bb.name}-{bb.fingerprint()}.onnx"
     if out.is_file():
         return out
-    if bb.kind not in ("torch", "concat"):  # cut again from its source file (the cached graph was removed)
+    if not bb.built_in:  # cut again from its source file (the cached graph was removed)
         from retrain import onnx_backbone as ob
 
         if not Path(bb.source).is_file():
