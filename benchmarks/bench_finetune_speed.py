@@ -5,9 +5,9 @@
     python benchmarks/bench_finetune_speed.py --profile      # where the baseline's step goes
 
 One training step is what each epoch repeats: the unfrozen tail of EfficientNet-Lite0 (real
-ImageNet weights, `retrain.backbone_split.make_tail`) forward and backward on a batch of cached
-activations (random values of the cached shape), the head, label-smoothed cross entropy and an
-AdamW step, exactly as retrain.finetune builds them. Each variant changes one lever against the
+ImageNet weights) forward and backward on a batch of cached activations (random values of the
+cached shape), dropout, the head, label-smoothed cross entropy and an AdamW step, built by
+retrain.finetune's own build_net, make_optimizer, make_loss and autocast. Each variant changes one lever against the
 shipped recipe ("baseline": float32, channels-last, batch 64, --unfreeze 8, every core). The
 variants run interleaved, round after round, in one process, and the table gives the median
 time per photo and its ratio to the baseline's median: the ratio, not the milliseconds, is what
@@ -46,48 +46,43 @@ VARIANTS = {
 
 
 def build(opts: dict):
-    """The trainable tail + head, optimizer and loss of one variant, and a batch to train on."""
+    """One variant's training step, built by retrain.finetune itself (its Trainable, optimizer,
+    loss and autocast), on a batch of random activations of the cached shape."""
+    import numpy as np
     import torch
 
     from retrain import finetune
     from retrain.architectures import get_backbone
-    from retrain.backbone_split import activation_shape, make_tail, split_point
-    from retrain.features import build_torch
+    from retrain.backbone_split import activation_shape
+    from retrain.config import FitConfig
 
     bb = get_backbone("efficientnet_lite0")
     bb = bb.at_size(bb.train_size or bb.image_size)
-    model = build_torch(bb)
-    start = split_point(model, opts.get("unfreeze", 8))
+    k = 5
+    g = np.random.default_rng(0)
+    net, start, _ = finetune.build_net(bb, opts.get("unfreeze", 8), g.standard_normal((1280, k)).astype(np.float32),
+                                       np.zeros(k, np.float32), "cpu")
     shape = activation_shape(bb, start)
     fmt = torch.channels_last if opts.get("channels_last", True) else torch.contiguous_format
-    tail = make_tail(model, start).to(memory_format=fmt)
-    head = torch.nn.Linear(1280, 5)
-    drop = torch.nn.Dropout(finetune.DROPOUT)
-    params = [{"params": tail.parameters(), "lr": finetune.HEAD_LR * finetune.TAIL_LR_FACTOR},
-              {"params": head.parameters(), "lr": finetune.HEAD_LR}]
-    opt = torch.optim.AdamW(params, weight_decay=finetune.WEIGHT_DECAY)
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=finetune.LABEL_SMOOTHING)
-    n = opts.get("batch", finetune.BATCH)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, *shape, generator=g).to(memory_format=fmt)
-    y = torch.randint(0, 5, (n,), generator=g)
+    net.tail.to(memory_format=fmt)
+    cfg = FitConfig()
+    opt, _ = finetune.make_optimizer(net, cfg)
+    y = g.integers(0, k, opts.get("batch", finetune.BATCH))
+    loss_fn = finetune.make_loss(cfg, y, k, "cpu")
+    amp = finetune.autocast("cpu", bool(opts.get("bf16")))
+    x = torch.from_numpy(g.standard_normal((len(y), *shape)).astype(np.float32)).to(memory_format=fmt)
+    y = torch.from_numpy(y)
+    fwd = torch.compile(net) if opts.get("compile") else net
 
-    def forward(xb):
-        return head(drop(tail(xb)))
-
-    fwd = torch.compile(forward) if opts.get("compile") else forward
-    amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if opts.get("bf16") else \
-        (lambda: torch.autocast("cpu", enabled=False))
-
-    def step():
-        tail.train()
+    def step():  # as finetune.train_one_epoch does for each batch (without mixup)
+        net.tail.train()
         with amp():
             loss = loss_fn(fwd(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    return step, n, shape
+    return step, len(y), shape
 
 
 def profile() -> int:
