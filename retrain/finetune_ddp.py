@@ -188,21 +188,27 @@ def loopback_interface() -> str:
 
 
 def failure(folder: Path, nproc: int, rc: int, loop) -> RetrainError:
-    """The one-line error of a failed run of the ranks: the first rank's own error, or which
-    rank died and how; and what --resume will continue from."""
+    """The one-line error of a failed run of the ranks, the cause before its consequences: a
+    rank's own retrain error (bad input, ...), else a rank killed by a signal (the others then
+    fail in their collectives: "connection reset by peer"), else the first rank's error, else
+    which rank exited and how; and what --resume will continue from."""
     from retrain import errors
 
-    hint = _resume_hint(Path(loop.checkpoint), loop.cfg.resume)
-    errs = sorted(folder.glob("error-rank*.json"), key=lambda p: p.stat().st_mtime)
-    if errs:
-        e = json.loads(errs[0].read_text())
+    def retrain_error(e: dict):
         cls = getattr(errors, e.get("type", ""), None)
-        if not (isinstance(cls, type) and issubclass(cls, RetrainError)):
-            cls = FineTuneProcessError
-        return cls(f"{e['message']} (fine-tuning process {e['rank']} of {nproc}){hint}")
+        return cls if isinstance(cls, type) and issubclass(cls, RetrainError) else None
+
+    hint = _resume_hint(Path(loop.checkpoint), loop.cfg.resume)
+    errs = [json.loads(p.read_text()) for p in sorted(folder.glob("error-rank*.json"), key=lambda p: p.stat().st_mtime)]
+    own = [e for e in errs if retrain_error(e)]
     f = {}
     if (folder / "failure.json").is_file():
         f = json.loads((folder / "failure.json").read_text())
+    killed = f.get("rank") is not None and f.get("signal")
+    if own or (errs and not killed):
+        e = (own or errs)[0]
+        return (retrain_error(e) or FineTuneProcessError)(f"{e['message']} (fine-tuning process {e['rank']} of "
+                                                          f"{nproc}){hint}")
     if f.get("rank") is None:
         return FineTuneProcessError(f"the {nproc} fine-tuning processes stopped (exit status {rc}) without a "
                                     f"result{hint}")

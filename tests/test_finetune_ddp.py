@@ -60,6 +60,10 @@ def test_a_failed_process_is_one_line_with_what_to_do(tmp_path):
     assert isinstance(e, FineTuneProcessError) and e.exit_code == 1
     assert str(e) == ("fine-tuning process 1 of 2 (pid 42) was killed by SIGKILL, so the others were stopped; "
                       "no epoch had finished: run the command again")
+    # A killed rank is the cause; the others' communication errors are its consequence.
+    (tmp_path / "error-rank0.json").write_text(json.dumps({"rank": 0, "type": "RuntimeError",
+                                                           "message": "internal error (Connection reset by peer)"}))
+    assert str(failure(tmp_path, 2, 1, loop)).startswith("fine-tuning process 1 of 2 (pid 42) was killed by SIGKILL")
     (tmp_path / "error-rank0.json").write_text(json.dumps({"rank": 0, "type": "ConfigError", "message": "bad"}))
     e = failure(tmp_path, 2, 1, loop)
     assert isinstance(e, ConfigError) and str(e).startswith("bad (fine-tuning process 0 of 2)")
