@@ -8,7 +8,8 @@ One training step is what each epoch repeats: the unfrozen tail of EfficientNet-
 ImageNet weights) forward and backward on a batch of cached activations (random values of the
 cached shape), dropout, the head, label-smoothed cross entropy and an AdamW step, built by
 retrain.finetune's own build_net, make_optimizer, make_loss and autocast. Each variant changes one lever against the
-shipped recipe ("baseline": float32, channels-last, batch 64, --unfreeze 8, every core). The
+shipped recipe ("baseline": float32, channels-last, batch 64, --unfreeze 8, every core, batch
+norms folded into the convolutions). The
 variants run interleaved, round after round, in one process, and the table gives the median
 time per photo and its ratio to the baseline's median: the ratio, not the milliseconds, is what
 carries to another machine or another load.
@@ -34,6 +35,7 @@ from common import machine  # noqa: E402
 # name -> what differs from the baseline
 VARIANTS = {
     "baseline": {},
+    "unfolded-norms": {"fold_norms": False},
     "contiguous": {"channels_last": False},
     "bf16-autocast": {"bf16": True},
     "batch-128": {"batch": 128},
@@ -62,6 +64,11 @@ def build(opts: dict):
     g = np.random.default_rng(0)
     net, start, _ = finetune.build_net(bb, opts.get("unfreeze", 8), g.standard_normal((1280, k)).astype(np.float32),
                                        np.zeros(k, np.float32), "cpu")
+    if opts.get("fold_norms") is False:  # the tail with the library's blocks: norms and pads as ops
+        from retrain.backbone_split import make_tail
+        from retrain.features import build_torch
+
+        net.tail = make_tail(build_torch(bb), start, fold_norms=False)
     shape = activation_shape(bb, start)
     fmt = torch.channels_last if opts.get("channels_last", True) else torch.contiguous_format
     net.tail.to(memory_format=fmt)

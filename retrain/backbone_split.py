@@ -52,8 +52,54 @@ def make_prefix(model, start: int):
     return Prefix(model).eval()
 
 
-def make_tail(model, start: int):
-    """Activations before block `start` -> pooled features (N, 1280): the part fine-tuned."""
+def conv_bn(conv, bn, x):
+    """conv then batch norm in eval mode as one convolution: the norm's scale folded into the
+    weights and its shift into a bias, computed from the parameters on each call, so that the
+    gradients reach the same parameters (conv.weight, bn.weight, bn.bias) as conv -> bn would.
+    Symmetric 'same' padding becomes the convolution's own padding instead of a ZeroPad2d.
+    Exact up to float rounding; in training it saves the norm's and the pad's passes over the
+    activations forward and backward (0.66x the step on 2 cores: BENCHMARKS.md, issue 15)."""
+    import torch.nn.functional as F
+
+    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+    w = conv.weight * scale.view(-1, 1, 1, 1)
+    b = bn.bias - bn.running_mean * scale
+    pad = getattr(conv, "static_padding", None)
+    padding = 0
+    if pad is not None and hasattr(pad, "padding"):  # a ZeroPad2d: (left, right, top, bottom)
+        left, right, top, bottom = pad.padding
+        if left == right and top == bottom:
+            padding = (top, left)
+        else:
+            x = pad(x)
+    return F.conv2d(x, w, b, conv.stride, padding, conv.dilation, conv.groups)
+
+
+def tail_block(blk, x, drop_connect_rate: float):
+    """One MBConv block of EfficientNet-Lite with its batch norms folded (conv_bn): the same
+    function as blk(x, drop_connect_rate) while the norms are in eval mode. A block with
+    squeeze-and-excitation (not in the Lite models) runs the library's own forward."""
+    from efficientnet_lite_pytorch.utils import drop_connect
+
+    if blk.has_se:
+        return blk(x, drop_connect_rate=drop_connect_rate)
+    args, inputs = blk._block_args, x
+    if args.expand_ratio != 1:
+        x = blk._swish(conv_bn(blk._expand_conv, blk._bn0, x))
+    x = blk._swish(conv_bn(blk._depthwise_conv, blk._bn1, x))
+    x = conv_bn(blk._project_conv, blk._bn2, x)
+    if blk.id_skip and args.stride == 1 and args.input_filters == args.output_filters:
+        if drop_connect_rate:
+            x = drop_connect(x, p=drop_connect_rate, training=blk.training)
+        x = x + inputs
+    return x
+
+
+def make_tail(model, start: int, *, fold_norms: bool = True):
+    """Activations before block `start` -> pooled features (N, 1280): the part fine-tuned.
+    Its batch norms stay in eval mode, also in training, and run folded into the convolutions
+    (tail_block; fold_norms=False runs the library's blocks as they are, for comparison); the
+    parameters and their names are the backbone's own."""
     torch = load_torch()
 
     class Tail(torch.nn.Module):
@@ -66,12 +112,14 @@ def make_tail(model, start: int):
 
         def forward(self, x):
             for i, b in enumerate(self.blocks):
-                x = b(x, drop_connect_rate=self.rate * (self.start + i) / self.n)
-            return self.act(self.bn1(self.conv_head(x))).mean(dim=(2, 3))
+                rate = self.rate * (self.start + i) / self.n
+                x = tail_block(b, x, rate) if fold_norms else b(x, drop_connect_rate=rate)
+            x = conv_bn(self.conv_head, self.bn1, x) if fold_norms else self.bn1(self.conv_head(x))
+            return self.act(x).mean(dim=(2, 3))
 
         def train(self, mode: bool = True):
             # Stochastic depth on, batch-norm statistics frozen: batches are small and the
-            # ImageNet statistics are good.
+            # ImageNet statistics are good. (Frozen norms are what lets conv_bn fold them.)
             super().train(mode)
             for m in self.modules():
                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):

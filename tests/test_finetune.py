@@ -42,6 +42,35 @@ def test_tail_reproduces_the_frozen_backbone():
     assert torch.allclose(ref, got, atol=1e-4)
 
 
+def test_tail_with_folded_norms_trains_like_the_library_blocks():
+    """The tail runs its batch norms folded into the convolutions (for speed); in a training
+    step (stochastic depth on, norms frozen) it gives the library blocks' loss and gradients,
+    for every parameter, including those of the norms."""
+    import torch
+
+    from retrain.architectures import get_backbone
+    from retrain.backbone_split import make_tail
+    from retrain.features import build_torch
+
+    m = build_torch(get_backbone("efficientnet_lite0"))
+    tail = make_tail(m, 8).train()  # the default --unfreeze 8: blocks 8-15 and the head conv
+    library = make_tail(m, 8, fold_norms=False).train()  # the same modules, the library's forward
+    x = torch.randn(4, 80, 14, 14, generator=torch.Generator().manual_seed(0))
+
+    def step(forward):
+        tail.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same stochastic-depth draws
+        loss = forward(x).square().mean()
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in tail.named_parameters()}
+
+    (l_ref, g_ref), (l_got, g_got) = step(library), step(tail)
+    assert abs(l_ref - l_got) <= 1e-5 * abs(l_ref)
+    assert g_ref.keys() == g_got.keys() and any("bn" in n for n in g_ref)
+    for n in g_ref:
+        scale = g_ref[n].abs().max().item() + 1e-12
+        assert (g_ref[n] - g_got[n]).abs().max().item() <= 1e-3 * scale, n
+
 @pytest.mark.slow
 def test_fine_tune_one_epoch_exports_a_self_contained_model(tmp_path):
     from retrain.classifier import Classifier
