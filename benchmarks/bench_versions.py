@@ -2,13 +2,15 @@
 
     python benchmarks/bench_versions.py --ref fe91f6e            # cold + warm fit of the flowers
     python benchmarks/bench_versions.py --ref HEAD~3 --rounds 5 --no-append
+    python benchmarks/bench_versions.py --ref 6bae663 --rounds 1 --fit-args="--fine-tune" --kinds cold
 
 The old code is checked out into a temporary git worktree and run with PYTHONPATH pointing at
 it, in the same virtualenv; rounds alternate old/new so that machine load hits both alike.
 Cold: an empty bottleneck cache (and a shared, already-exported backbone graph, so both time
 the work, not the one-time ONNX export). Warm: the same command again on the filled cache.
-Prints medians, the ratio new/old and whether the test accuracies agree; appends to
-BENCHMARKS.md unless --no-append.
+--fit-args adds flags to every timed fit (the warm-up, which exports the graphs, runs them on
+8 photos per class with --epochs 1). Prints medians, the ratio new/old and whether the test
+accuracies agree; appends to BENCHMARKS.md unless --no-append.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -28,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import FLOWERS, ROOT, append_markdown, machine  # noqa: E402
 
 
-def fit_once(code: Path, data: Path, out: Path, cache: Path, backbones: Path) -> tuple[float, float]:
+def fit_once(code: Path, data: Path, out: Path, cache: Path, backbones: Path, extra=()) -> tuple[float, float]:
     """(wall seconds, test accuracy) of one `retrain fit` run with the code in `code`."""
     env = dict(os.environ, PYTHONPATH=str(code), RETRAIN_CACHE=str(cache))
     cache.mkdir(parents=True, exist_ok=True)
@@ -37,7 +40,7 @@ def fit_once(code: Path, data: Path, out: Path, cache: Path, backbones: Path) ->
     t0 = time.perf_counter()
     # cwd: `python -m` puts the working folder first on sys.path, which would shadow PYTHONPATH.
     p = subprocess.run([sys.executable, "-m", "retrain", "fit", str(data), "-o", str(out), "-q",
-                        "--cache-dir", str(cache / "bottlenecks")], capture_output=True, text=True, env=env,
+                        "--cache-dir", str(cache / "bottlenecks"), *extra], capture_output=True, text=True, env=env,
                        cwd=str(cache.parent))
     wall = time.perf_counter() - t0
     if p.returncode != 0:
@@ -50,16 +53,30 @@ def fit_once(code: Path, data: Path, out: Path, cache: Path, backbones: Path) ->
     return wall, report["metrics"]["test"]["accuracy"]
 
 
+def few_photos(data: Path, out: Path, per_class: int = 8) -> Path:
+    """A folder of links to the first photos of each class: a warm-up fit that exports the graphs."""
+    for d in sorted(p for p in data.iterdir() if p.is_dir()):
+        (out / d.name).mkdir(parents=True)
+        for f in sorted(d.iterdir())[:per_class]:
+            (out / d.name / f.name).symlink_to(f.resolve())
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ref", required=True, help="the commit to compare with (e.g. fe91f6e)")
     ap.add_argument("--new", default=None, help="a second commit in place of this tree")
     ap.add_argument("--data", type=Path, default=FLOWERS)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--fit-args", default="", help='flags for every fit, e.g. --fit-args="--fine-tune"')
+    ap.add_argument("--kinds", default="cold,warm", help="comma list of: cold, warm (default both)")
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args()
     if not args.data.is_dir():
         raise SystemExit(f"no photos at {args.data}")
+    extra, kinds = shlex.split(args.fit_args), args.kinds.split(",")
+    if not kinds or set(kinds) - {"cold", "warm"}:
+        raise SystemExit(f"--kinds takes cold and/or warm, got {args.kinds}")
     with tempfile.TemporaryDirectory(prefix="retrain-versions-") as tmpd:
         tmp = Path(tmpd)
         old = tmp / "old"
@@ -75,14 +92,15 @@ def main() -> None:
             backbones.mkdir()
             # Export the backbone graph once, outside the timing (both versions share its file).
             warmup = tmp / "warmup"
-            fit_once(ROOT, args.data, warmup / "run", warmup / "cache", backbones)
-            times = {"old": {"cold": [], "warm": []}, "new": {"cold": [], "warm": []}}
+            fit_once(ROOT, few_photos(args.data, warmup / "photos") if extra else args.data, warmup / "run",
+                     warmup / "cache", backbones, [*extra, "--epochs", "1"] if extra else ())
+            times = {"old": {k: [] for k in kinds}, "new": {k: [] for k in kinds}}
             acc = {}
             for r in range(args.rounds):
                 for name, code in (("old", old), ("new", new)) if r % 2 == 0 else (("new", new), ("old", old)):
                     cache = tmp / f"{name}-{r}"
-                    for kind in ("cold", "warm"):
-                        wall, a = fit_once(code, args.data, cache / "run", cache, backbones)
+                    for kind in kinds:  # warm: the cache the cold fit filled
+                        wall, a = fit_once(code, args.data, cache / "run", cache, backbones, extra)
                         times[name][kind].append(wall)
                         acc[name] = a
                         print(f"round {r + 1}: {name} {kind} fit {wall:.2f} s (test accuracy {a:.2%})", flush=True)
@@ -92,10 +110,12 @@ def main() -> None:
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(wt)], capture_output=True)
     med = {n: {k: statistics.median(v) for k, v in d.items()} for n, d in times.items()}
     newname = args.new or "this tree"
+    flags = (f' --fit-args="{args.fit_args}"' if extra else "") + (f" --kinds {args.kinds}" if kinds != ["cold", "warm"]
+                                                                    else "")
     lines = [f"`python benchmarks/bench_versions.py --ref {args.ref}{' --new ' + args.new if args.new else ''} "
-             f"--rounds {args.rounds}` on {machine()}, {args.data.name}:", "",
+             f"--rounds {args.rounds}{flags}` on {machine()}, {args.data.name}:", "",
              f"| fit | {args.ref} (median) | {newname} (median) | new / old |", "|---|---:|---:|---:|"]
-    for kind in ("cold", "warm"):
+    for kind in kinds:
         o, n = med["old"][kind], med["new"][kind]
         lines.append(f"| {kind} | {o:.2f} s | {n:.2f} s | {n / o:.3f} |")
     lines += ["", f"Test accuracy: {args.ref} {acc['old']:.2%}, {newname} {acc['new']:.2%}."]

@@ -41,15 +41,16 @@ def _reuse_backbones() -> bool:
 
 def _graphs(folder: Path) -> list[Path]:
     """The built-in backbones' finished graphs and their sidecars in a backbones folder:
-    NAME-FINGERPRINT.onnx/.json, NAME-FINGERPRINT-int8.*, NAME-FINGERPRINT-prefixN.onnx. Not a
+    NAME-FINGERPRINT.onnx/.json, NAME-FINGERPRINT-int8.*, NAME-FINGERPRINT-prefixN.onnx, NAME
+    being one network or several joined with '+' (the two-network default). Not a
     .part- being written, not speed.json (measured speeds), not the graphs adapted from a test's
     own ONNX files (those are the tests' business)."""
     import re
 
     from retrain.architectures import BACKBONES
 
-    names = "|".join(map(re.escape, BACKBONES))
-    pattern = re.compile(rf"({names})-[0-9a-f]{{16}}(-int8|-prefix\d+)?\.(onnx|json)")
+    names = "|".join(map(re.escape, BACKBONES))  # one network, or several joined with '+' (concat)
+    pattern = re.compile(rf"({names})(\+({names}))*-[0-9a-f]{{16}}(-int8|-prefix\d+)?\.(onnx|json)")
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if pattern.fullmatch(p.name) and p.is_file())
