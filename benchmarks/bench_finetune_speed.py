@@ -6,7 +6,7 @@
 
 One training step is what each epoch repeats: the unfrozen tail of EfficientNet-Lite0 (real
 ImageNet weights) forward and backward on a batch of cached activations (random values of the
-cached shape), dropout, the head, label-smoothed cross entropy and an AdamW step, built by
+cached shape), dropout, the head (small random weights, as the L-BFGS head a fit starts from), label-smoothed cross entropy and an AdamW step, built by
 retrain.finetune's own build_net, make_optimizer, make_loss and autocast. Each variant changes one lever against the
 shipped recipe ("baseline": float32, channels-last, batch 64, --unfreeze 8, every core, batch
 norms folded into the convolutions). The
@@ -62,7 +62,7 @@ def build(opts: dict):
     bb = bb.at_size(bb.train_size or bb.image_size)
     k = 5
     g = np.random.default_rng(0)
-    net, start, _ = finetune.build_net(bb, opts.get("unfreeze", 8), g.standard_normal((1280, k)).astype(np.float32),
+    net, start, _ = finetune.build_net(bb, opts.get("unfreeze", 8), (0.02 * g.standard_normal((1280, k))).astype(np.float32),
                                        np.zeros(k, np.float32), "cpu")
     if opts.get("fold_norms") is False:  # the tail with the library's blocks: norms and pads as ops
         from retrain.backbone_split import make_tail
@@ -155,7 +155,7 @@ def main() -> int:
     for name in names:
         med = statistics.median(per_photo[name])
         what = ", ".join(f"{k}={v}" for k, v in VARIANTS[name].items()) or \
-            "float32, channels-last, batch 64, --unfreeze 8, all cores"
+            "float32, channels-last, batch 64, --unfreeze 8, all cores, norms folded"
         if name in compile_s:
             what += f" (compile + warm-up {compile_s[name]:.0f} s, once)"
         rows.append({"variant": name, "ms_per_photo": med * 1e3, "ratio": med / base, "shape": built[name][2],

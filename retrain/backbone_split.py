@@ -57,8 +57,9 @@ def conv_bn(conv, bn, x):
     weights and its shift into a bias, computed from the parameters on each call, so that the
     gradients reach the same parameters (conv.weight, bn.weight, bn.bias) as conv -> bn would.
     Symmetric 'same' padding becomes the convolution's own padding instead of a ZeroPad2d.
-    Exact up to float rounding; in training it saves the norm's and the pad's passes over the
-    activations forward and backward (0.66x the step on 2 cores: BENCHMARKS.md, issue 15)."""
+    Exact up to float rounding; it saves the norm's and the pad's passes over the activations,
+    forward and backward (one step alone: 0.66x; a whole fine-tune: 0.94x; BENCHMARKS.md, issue
+    15, fourth pass)."""
     import torch.nn.functional as F
 
     scale = bn.weight * (bn.running_var + bn.eps).rsqrt()

@@ -6,6 +6,7 @@ by image digest, split point and view). Each epoch then runs only the unfrozen t
 PyTorch (by default the last 8 blocks, at 14x14 and 7x7), in float32 on a CPU (bf16 autocast
 with --fine-tune-bf16: no faster on 2 cores, and its rounding differs between Intel AMX and
 AMD AVX-512 BF16 kernels; BENCHMARKS.md, issue 15), CUDA with bf16 autocast when present.
+The tail's batch norms, frozen, run folded into its convolutions (backbone_split.conv_bn).
 
 Recipe (chosen on the flowers' validation split; BENCHMARKS.md): AdamW, the tail at half the
 head's learning rate, linear warm-up then cosine decay, label smoothing, manifold mixup of the
