@@ -40,6 +40,7 @@ import numpy as np
 from retrain.backbone_split import load_torch as _torch
 from retrain.backbone_split import make_tail, prefix_activations, split_point
 from retrain.errors import ConfigError
+from retrain.runtime import heap_kept
 
 CHECKPOINT_SCHEMA = 1
 # Recipe, chosen on the flowers' validation split (BENCHMARKS.md, issues 3 and 15): with no
@@ -130,7 +131,8 @@ def fine_tune(cfg, bb, items, y, parts, *, W0, b0, views=0, distortions=None, ca
     # The best epoch on validation, in fp32, gives the features of every image.
     net.tail.load_state_dict(best["tail"])
     net.head.load_state_dict(best["head"])
-    feats = pooled_features(net, centre, shape, W0.shape[0])
+    with heap_kept():
+        feats = pooled_features(net, centre, shape, W0.shape[0])
     W = net.head.weight.detach().cpu().numpy().T.astype(np.float32)
     b = net.head.bias.detach().cpu().numpy().astype(np.float32)
     info = {"unfreeze": cfg.unfreeze, "first_unfrozen_block": start, "device": device,
@@ -198,26 +200,27 @@ def train_epochs(loop: Loop) -> tuple[dict, list]:
     # epochs look worse than the initial head on validation (measured on the flowers).
     first_counted = cfg.epochs // 2 + 1
     stale = sum(1 for h in history[::-1][:PATIENCE] if h["epoch"] > best["epoch"] and h["epoch"] >= first_counted)
-    for epoch in range(epoch0 + 1, cfg.epochs + 1):
-        if stale >= PATIENCE:
-            log(f"  stopping early: no better calibrated validation cross entropy for {PATIENCE} epochs")
-            break
-        t0 = time.perf_counter()
-        train_loss = train_one_epoch(net, data, loop.opt, loop.loss_fn, amp, loop.sched, epoch, rng,
-                                     quiet=cfg.quiet or loop.rank > 0, **ranks)
-        acc, ce = validate(net, data, amp, **ranks)
-        h = {"epoch": epoch, "train_loss": round(train_loss, 5), "validation_accuracy": acc,
-             "validation_calibrated_cross_entropy": ce, "seconds": round(time.perf_counter() - t0, 2)}
-        history.append(h)
-        log(f"  epoch {epoch}: train loss {h['train_loss']:.4f}, validation accuracy {acc:.1%} "
-            f"(calibrated cross entropy {ce:.4f}), {h['seconds']:.1f} s")
-        if ce < best["validation_calibrated_cross_entropy"]:
-            best, stale = snapshot(net, epoch, acc, ce), 0
-        elif epoch >= first_counted:
-            stale += 1
-        if loop.rank == 0:
-            save_checkpoint(loop.checkpoint, sig=loop.sig, epoch=epoch, net=net, opt=loop.opt, best=best,
-                            history=history)
+    with heap_kept():  # a step's activation maps reuse freed memory, not fresh pages (retrain.runtime)
+        for epoch in range(epoch0 + 1, cfg.epochs + 1):
+            if stale >= PATIENCE:
+                log(f"  stopping early: no better calibrated validation cross entropy for {PATIENCE} epochs")
+                break
+            t0 = time.perf_counter()
+            train_loss = train_one_epoch(net, data, loop.opt, loop.loss_fn, amp, loop.sched, epoch, rng,
+                                         quiet=cfg.quiet or loop.rank > 0, **ranks)
+            acc, ce = validate(net, data, amp, **ranks)
+            h = {"epoch": epoch, "train_loss": round(train_loss, 5), "validation_accuracy": acc,
+                 "validation_calibrated_cross_entropy": ce, "seconds": round(time.perf_counter() - t0, 2)}
+            history.append(h)
+            log(f"  epoch {epoch}: train loss {h['train_loss']:.4f}, validation accuracy {acc:.1%} "
+                f"(calibrated cross entropy {ce:.4f}), {h['seconds']:.1f} s")
+            if ce < best["validation_calibrated_cross_entropy"]:
+                best, stale = snapshot(net, epoch, acc, ce), 0
+            elif epoch >= first_counted:
+                stale += 1
+            if loop.rank == 0:
+                save_checkpoint(loop.checkpoint, sig=loop.sig, epoch=epoch, net=net, opt=loop.opt, best=best,
+                                history=history)
     return best, history
 
 

@@ -15,10 +15,13 @@ Bottlenecks in bf16 run on OpenVINO (`openvino_session`), the one CPU runtime he
 uses the bf16 matrix units (AMX, AVX-512 BF16) of recent Intel CPUs: ONNX Runtime's CPU
 provider has no bf16 convolutions. Everything else, and every model a user gets, runs on
 ONNX Runtime.
+
+`heap_kept()`: glibc's allocator told to keep freed memory while PyTorch trains on a CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections import deque
@@ -211,6 +214,43 @@ def openvino_version() -> str:
         return version("openvino")
     except PackageNotFoundError:
         return "none"
+
+
+# glibc mallopt() parameters (malloc.h) and their defaults
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_TRIM_DEFAULT, _MMAP_MAX_DEFAULT = 128 * 1024, 65536
+
+
+@contextlib.contextmanager
+def heap_kept():
+    """Within it, glibc malloc serves large blocks from its heap and keeps what is freed, instead
+    of mapping each block of more than about 32 MB afresh and unmapping it when freed. PyTorch
+    has no caching allocator on a CPU: every training step allocates and frees its activation
+    maps (tens of MB each at batch 64), and each fresh mapping costs a page fault per 4 KB page,
+    millions per epoch (measured in a fine-tune: 7.6 million faults and 13.6 s of system time
+    per epoch; with this, 0.1 million and 0.2 s; BENCHMARKS.md, issue 15). On leaving, glibc's
+    defaults come back and the kept memory is handed back to the system. A no-op elsewhere
+    than glibc (macOS, musl)."""
+    libc = None
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None)
+            if not (hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") and hasattr(libc, "gnu_get_libc_version")):
+                libc = None
+        except OSError:
+            libc = None
+    if libc is not None:
+        libc.mallopt(_M_MMAP_MAX, 0)
+        libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.mallopt(_M_MMAP_MAX, _MMAP_MAX_DEFAULT)
+            libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_DEFAULT)
+            libc.malloc_trim(0)
 
 
 class OnnxEngine:
