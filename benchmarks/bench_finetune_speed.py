@@ -21,6 +21,7 @@ printed apart: on a fine-tune of 8 epochs of 37 steps it is paid once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -32,10 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import machine  # noqa: E402
 
+from retrain.runtime import heap_kept  # noqa: E402
+
 # name -> what differs from the baseline
 VARIANTS = {
     "baseline": {},
     "unfolded-norms": {"fold_norms": False},
+    "fresh-pages": {"heap_kept": False},
     "contiguous": {"channels_last": False},
     "bf16-autocast": {"bf16": True},
     "batch-128": {"batch": 128},
@@ -140,10 +144,14 @@ def main() -> int:
         for name in names:
             torch.set_num_threads(VARIANTS[name].get("threads", cores))
             step, n, _ = built[name]
-            for _ in range(a.steps):
-                t0 = time.perf_counter()
-                step()
-                per_photo[name].append((time.perf_counter() - t0) / n)
+            # as in the fit's epochs, freed memory is kept (retrain.runtime.heap_kept), unless the
+            # variant measures glibc's default: a fresh mapping for every large block
+            with heap_kept() if VARIANTS[name].get("heap_kept", True) else contextlib.nullcontext():
+                step()  # the first step after a switch grows the heap
+                for _ in range(a.steps):
+                    t0 = time.perf_counter()
+                    step()
+                    per_photo[name].append((time.perf_counter() - t0) / n)
         print(f"round {r + 1}/{a.rounds} done", file=sys.stderr, flush=True)
     base = statistics.median(per_photo["baseline"])
     print(f"Machine: {machine()}; torch {torch.__version__}; load average before "
@@ -155,7 +163,7 @@ def main() -> int:
     for name in names:
         med = statistics.median(per_photo[name])
         what = ", ".join(f"{k}={v}" for k, v in VARIANTS[name].items()) or \
-            "float32, channels-last, batch 64, --unfreeze 8, all cores, norms folded"
+            "float32, channels-last, batch 64, --unfreeze 8, all cores, norms folded, freed memory kept"
         if name in compile_s:
             what += f" (compile + warm-up {compile_s[name]:.0f} s, once)"
         rows.append({"variant": name, "ms_per_photo": med * 1e3, "ratio": med / base, "shape": built[name][2],
