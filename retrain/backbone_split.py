@@ -58,8 +58,8 @@ def conv_bn(conv, bn, x):
     gradients reach the same parameters (conv.weight, bn.weight, bn.bias) as conv -> bn would.
     Symmetric 'same' padding becomes the convolution's own padding instead of a ZeroPad2d.
     Exact up to float rounding; it saves the norm's and the pad's passes over the activations,
-    forward and backward (one step alone: 0.66x; a whole fine-tune: 0.94x; BENCHMARKS.md, issue
-    15, fourth pass)."""
+    forward and backward (one training step with freed memory kept: 0.82x the library blocks'
+    time; BENCHMARKS.md, issue 15, fourth pass)."""
     import torch.nn.functional as F
 
     scale = bn.weight * (bn.running_var + bn.eps).rsqrt()

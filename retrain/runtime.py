@@ -223,14 +223,16 @@ _TRIM_DEFAULT, _MMAP_MAX_DEFAULT = 128 * 1024, 65536
 
 @contextlib.contextmanager
 def heap_kept():
-    """Within it, glibc malloc serves large blocks from its heap and keeps what is freed, instead
-    of mapping each block of more than about 32 MB afresh and unmapping it when freed. PyTorch
-    has no caching allocator on a CPU: every training step allocates and frees its activation
-    maps (tens of MB each at batch 64), and each fresh mapping costs a page fault per 4 KB page,
-    millions per epoch (measured in a fine-tune: 7.6 million faults and 13.6 s of system time
-    per epoch; with this, 0.1 million and 0.2 s; BENCHMARKS.md, issue 15). On leaving, glibc's
-    defaults come back and the kept memory is handed back to the system. A no-op elsewhere
-    than glibc (macOS, musl)."""
+    """Within it, glibc malloc serves large blocks from its heap and keeps what is freed. Outside,
+    a block above glibc's mapping threshold (128 KB, which glibc raises on its own up to 32 MB
+    after frees) is mapped afresh and unmapped when freed. PyTorch has no caching allocator on
+    a CPU: every training step allocates and frees its activation maps (24-34 MB each at batch
+    64), and each fresh mapping costs a page fault per 4 KB page, millions per epoch (measured
+    in a fine-tune: 7.6 million faults and 13.6 s of system time per epoch; kept, 0.1 million
+    and 0.2 s; BENCHMARKS.md, issue 15). On leaving, the default values are set again and the
+    kept memory is handed back to the system (malloc_trim); glibc's raising of its threshold
+    stays off in this process. Not reentrant: one at a time. A no-op elsewhere than glibc
+    (macOS, musl)."""
     libc = None
     if sys.platform.startswith("linux"):
         try:
