@@ -286,11 +286,13 @@ class FitEmbedder(Embedder):
                               "bf16 bottlenecks need: pass --bottleneck-precision fp32")
         self.bb, self.dtype, self.root, self.batch = backbone, "float32", "/", batch
         self.threads = max(1, int(cpus))
-        self.tmp = tempfile.TemporaryDirectory(prefix="retrain-fit-")
-        path = os.path.join(self.tmp.name, "features.onnx")
-        with open(path, "wb") as f:
-            f.write(graph)
-        self.engine = _engine(backbone, path, precision, batch, self.threads)
+        # The graph's file is read once, by the engine: removed at once, as Ray ends an actor
+        # by killing its process, where no finaliser would remove it.
+        with tempfile.TemporaryDirectory(prefix="retrain-fit-") as tmp:
+            path = os.path.join(tmp, "features.onnx")
+            with open(path, "wb") as f:
+                f.write(graph)
+            self.engine = _engine(backbone, path, precision, batch, self.threads)
 
 
 def bottlenecks_ray(items, backbone, cache, *, address: str, precision: str, batch_size: int = 8,
@@ -471,12 +473,12 @@ class Labeller:
 
         from retrain.classifier import Classifier
 
-        self.tmp = tempfile.TemporaryDirectory(prefix="retrain-label-")
-        path = os.path.join(self.tmp.name, "model.onnx")
-        with open(path, "wb") as f:
-            f.write(model_bytes)
         threads = max(1, int(cpus))
-        self.clf = Classifier(path, provider="cpu", threads=threads, workers=threads)
+        with tempfile.TemporaryDirectory(prefix="retrain-label-") as tmp:  # read once (FitEmbedder)
+            path = os.path.join(tmp, "model.onnx")
+            with open(path, "wb") as f:
+                f.write(model_bytes)
+            self.clf = Classifier(path, provider="cpu", threads=threads, workers=threads)
         self.top_k, self.batch, self.tta = top_k, batch, tta
 
     def __call__(self, batch):

@@ -98,6 +98,46 @@ def fine_tune_backbone(plan: Plan, data: Data, head: Head, train_info: dict, log
     return Head(ft.W.astype(np.float64), ft.b.astype(np.float64), np.zeros(C), np.ones(C)), ft
 
 
+def final_layer_on_fine_tuned(plan: Plan, data: Data, tuned: Head, train_info: dict, log) -> tuple[Head, Head]:
+    """After fine-tuning: the head that fine-tuning trained (with dropout, mixup and label smoothing,
+    on distorted views) against an L-BFGS head on the fine-tuned features of the training photos'
+    centre views, L2 chosen on validation; the lower calibrated validation cross entropy is kept.
+    An L-BFGS head is then refitted on train + validation, as without --fine-tune.
+    Returns (the final head, the selection head that scores validation)."""
+    from retrain.calibrate import fit_temperature, nll
+
+    cfg = plan.cfg
+    tr, va, _ = data.split
+    if plan.optimizer != "lbfgs" or not len(va):
+        return tuned, tuned
+    t0 = time.perf_counter()
+    k, weights = len(data.labels), (cfg.class_weights if cfg.class_weights != "none" else None)
+    max_iter = cfg.how_many_training_steps or LBFGS_MAX_ITER
+    lbfgs, l2, _, grid = train_lbfgs(data.X[tr], data.y[tr], data.X[va], data.y[va], k, l2=cfg.l2,
+                                     max_iter=max_iter, weights=weights)
+
+    def on_validation(h: Head) -> dict:
+        z, yv = h.logits(data.X[va]).astype(np.float64), data.y[va]
+        return {"validation_accuracy": float((z.argmax(1) == yv).mean()),
+                "validation_calibrated_cross_entropy": nll(z, yv, fit_temperature(z, yv))}
+
+    scores = {"fine-tuned": on_validation(tuned), "lbfgs": on_validation(lbfgs) | {"l2": l2, "grid": grid}}
+    ce = {name: s["validation_calibrated_cross_entropy"] for name, s in scores.items()}
+    chosen = "lbfgs" if ce["lbfgs"] < ce["fine-tuned"] else "fine-tuned"
+    train_info["fine_tune"]["final_layer"] = {"chosen": chosen, **scores}
+    log(f"Final layer after fine-tuning: {'L-BFGS on the fine-tuned features' if chosen == 'lbfgs' else 'the fine-tuned one'}"
+        f" (calibrated validation cross entropy {ce['lbfgs']:.4f} L-BFGS, L2 {l2:g}, against {ce['fine-tuned']:.4f})")
+    if chosen == "fine-tuned":
+        return tuned, tuned
+    idx = np.concatenate([tr, va])
+    final = train_lbfgs(data.X[idx], data.y[idx], data.X[:0], data.y[:0], k, l2=l2, max_iter=max_iter,
+                        weights=weights)[0]
+    train_info["refit"] = {"on": "train + validation", "n": int(len(idx)), "l2": l2,
+                           "features": "fine-tuned", "seconds": round(time.perf_counter() - t0, 3)}
+    log(f"Final layer refitted on train + validation ({len(idx)} photos, L2 {l2:g})")
+    return final, lbfgs
+
+
 def score(head: Head, data: Data, temperature: float, selection: Head | None = None) -> dict:
     """Metrics of every split, with the calibrated probabilities (the test split only measured).
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from retrain import callable_module
 from retrain.config import FitConfig
 from retrain.errors import ConfigError
-from retrain.final_layer import (check_labels, choose_regime, cross_validate_final_layer, fine_tune_backbone,
-                                 fit_novelty, refit_final_layer, score, train_final_layer)
+from retrain.final_layer import (check_labels, choose_regime, cross_validate_final_layer, final_layer_on_fine_tuned,
+                                 fine_tune_backbone, fit_novelty, refit_final_layer, score, train_final_layer)
 from retrain.fit_data import load_data, plan_fit, validate_config
 from retrain.fit_output import copy_codelab_outputs, export_check_inputs, write_run
 from retrain.progress import Log, in_background
@@ -41,19 +41,21 @@ def fit(cfg: FitConfig, *, log=None) -> dict:
         head, train_info, history, calibration, metrics = cross_validate_final_layer(plan, data, log)
     else:
         head, train_info, history = train_final_layer(plan, data, log)
+        selection = head
         if cfg.fine_tune:
-            head, ft = fine_tune_backbone(plan, data, head, train_info, log)
+            tuned, ft = fine_tune_backbone(plan, data, head, train_info, log)
+            head, selection = final_layer_on_fine_tuned(plan, data, tuned, train_info, log)
+        elif train_info["optimizer"] == "lbfgs":
+            head = refit_final_layer(plan, data, train_info, log)
         from retrain.calibrate import calibrate_head
 
-        calibration = calibrate_head(head, data.X, data.y, *data.split, cfg, log=log)
-        selection = head
-        if not ft and train_info["optimizer"] == "lbfgs":
-            head = refit_final_layer(plan, data, train_info, log)
+        calibration = calibrate_head(selection, data.X, data.y, *data.split, cfg, log=log)
         metrics = score(head, data, calibration["temperature"], selection=selection)
     train_info["regime"] = regime
     # Mislabelled photos (out-of-fold heads on the final features) on the other core, while the
     # novelty score is fitted and the model is written and verified.
-    labels = None if cfg.no_label_check else in_background(check_labels, data, train_info.get("l2"), cfg.seed, log)
+    l2 = train_info.get("refit", train_info).get("l2")  # that of the final layer (after fine-tuning, its own)
+    labels = None if cfg.no_label_check else in_background(check_labels, data, l2, cfg.seed, log)
     novelty = fit_novelty(plan, data, ft, log)
     report = write_run(plan, data, head, ft, train_info=train_info, history=history, calibration=calibration,
                        metrics=metrics, check=check, t_start=t_start, log=log, novelty=novelty,

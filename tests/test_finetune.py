@@ -87,6 +87,10 @@ def test_fine_tune_one_epoch_exports_a_self_contained_model(tmp_path):
     assert ft["epochs_run"] == 1 and ft["first_unfrozen_block"] == 15
     assert ft["views_per_image"] == 6  # cached distorted views even without distortion flags
     assert ft["mixup_alpha"] > 0 and ft["dropout"] > 0  # the report records the recipe that made the model
+    fl = ft["final_layer"]  # the fine-tuned head, or an L-BFGS one on the fine-tuned features if better
+    assert fl["chosen"] in ("lbfgs", "fine-tuned") and fl["lbfgs"]["l2"] > 0
+    refit = rep["train"].get("refit")
+    assert (fl["chosen"] == "lbfgs") == (refit is not None and refit["features"] == "fine-tuned")
     assert rep["export_parity_max_abs_diff"] < 2e-3
     assert not (tmp_path / ".run.fine-tune-checkpoint.pt").exists()  # finished: removed
     clf = Classifier(out, provider="cpu")
@@ -129,3 +133,60 @@ def test_fine_tune_flag_errors_are_one_line(tiny_dataset, tmp_path):
     assert p.returncode == 2 and "--fine-tune" in p.stderr and "Traceback" not in p.stderr
     p = run_cli("fit", tiny_dataset, "-o", tmp_path / "r", "--fine-tune", "--unfreeze", "40", check=False)
     assert p.returncode == 2 and "--unfreeze" in p.stderr and "Traceback" not in p.stderr
+
+
+def _fine_tuned_data(seed=0):
+    """A Plan and Data as fit makes them after fine-tuning: 5 classes of 1280-d features that
+    overlap (so that a head's calibration differs from another's), a fixed split."""
+    import numpy as np
+
+    from retrain.config import FitConfig
+    from retrain.fit_data import Data, Plan
+
+    rng = np.random.default_rng(seed)
+    k, n = 5, 600
+    y = np.arange(n) % k
+    X = (rng.normal(size=(k, 1280))[y] * 0.08 + rng.normal(size=(n, 1280))).astype(np.float32)
+    order = rng.permutation(n)
+    parts = {"train": np.sort(order[:420]), "validation": np.sort(order[420:510]), "test": np.sort(order[510:])}
+    plan = Plan(FitConfig(image_dir="unused", fine_tune=True), None, None, "fp32", "lbfgs", None, 0)
+    return plan, Data(None, None, [], X, y, [f"c{i}" for i in range(k)], parts, [], [], {})
+
+
+def test_after_fine_tuning_the_final_layer_is_the_better_one_on_validation_and_learns_from_validation():
+    """fit --fine-tune ends with the head that fine-tuning trained, or an L-BFGS head on the
+    fine-tuned features, whichever has the lower calibrated validation cross entropy; the
+    L-BFGS one is then refitted on train + validation and scores the test split."""
+    import numpy as np
+
+    from retrain.final_layer import final_layer_on_fine_tuned
+    from retrain.head import Head, train_lbfgs
+    from retrain.progress import Log
+
+    plan, data = _fine_tuned_data()
+    tr, va, te = data.split
+    C = data.X.shape[1]
+
+    # A head fine-tuning left far from the optimum (weights 10x too small): L-BFGS's wins.
+    good = train_lbfgs(data.X[tr], data.y[tr], data.X[va], data.y[va], 5)[0]
+    weak = Head(*good.folded(), np.zeros(C), np.ones(C))
+    weak.W = weak.W * 0.1
+    weak.W[:, [0, 1]] = weak.W[:, [1, 0]]  # and two classes swapped: clearly worse on validation
+    info = {"fine_tune": {}}
+    final, selection = final_layer_on_fine_tuned(plan, data, weak, info, Log.silent())
+    fl = info["fine_tune"]["final_layer"]
+    assert fl["chosen"] == "lbfgs"
+    assert fl["lbfgs"]["validation_calibrated_cross_entropy"] < fl["fine-tuned"]["validation_calibrated_cross_entropy"]
+    assert info["refit"]["on"] == "train + validation" and info["refit"]["n"] == len(tr) + len(va)
+    assert selection is not final and selection is not weak
+    # The refitted head has learnt the validation photos; the selection head has not.
+    fit_va = lambda h: (h.logits(data.X[va]).argmax(1) == data.y[va]).mean()  # noqa: E731
+    assert fit_va(final) > fit_va(selection)
+
+    # A fine-tuned head better on validation than any head trained without those photos is kept.
+    seen = np.concatenate([tr, va])
+    strong = train_lbfgs(data.X[seen], data.y[seen], data.X[:0], data.y[:0], 5, l2=1e-3)[0]
+    info = {"fine_tune": {}}
+    final, selection = final_layer_on_fine_tuned(plan, data, strong, info, Log.silent())
+    assert info["fine_tune"]["final_layer"]["chosen"] == "fine-tuned" and "refit" not in info
+    assert final is selection is strong

@@ -76,8 +76,10 @@ def cluster(retrain_cache, tmp_path_factory):
     from retrain.features import features_onnx
 
     features_onnx(get_backbone("efficientnet_lite0"), precision="fp32")  # exported once, here
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RETRAIN_CACHE=str(retrain_cache))
     tmp = tempfile.mkdtemp(prefix="rtray-", dir="/tmp")  # short: Ray's socket paths must fit
+    scratch = Path(tmp) / "tmp"  # the temporary folder of the nodes' actors and of the CLI runs
+    scratch.mkdir()
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RETRAIN_CACHE=str(retrain_cache), TMPDIR=str(scratch))
     log = open(tmp_path_factory.mktemp("ray") / "nodes.log", "wb")
     port = _free_port(HEAD)
 
@@ -286,6 +288,13 @@ def test_label_on_the_cluster_equals_label_in_process_and_resumes(cluster, photo
                             "--out", str(tmp_path / "preds"), "--top-k", "2", "--json"],
                            env=env, capture_output=True, text=True, timeout=400)
     assert json.loads(again.stdout)["labelled"] == 0 and json.loads(again.stdout)["rows"] == n
+    assert _left_behind(env) == []
+
+
+def _left_behind(env) -> list[str]:
+    """What retrain left in the temporary folder of the cluster's nodes and of the CLI (Ray ends
+    its actors by killing their processes: nothing is removed after that)."""
+    return sorted(p.name for p in Path(env["TMPDIR"]).glob("retrain-*"))
 
 
 def _fit(src, run, cache, env, *extra, precision="fp32", timeout=400):
@@ -342,6 +351,7 @@ def test_fit_on_the_cluster_makes_the_model_a_local_fit_makes(cluster, tmp_path)
         if a:
             assert (a["n"], a["accuracy"]) == (b["n"], b["accuracy"]), part
     assert rep["bottleneck_precision"] == ref["bottleneck_precision"] == "fp32"
+    assert _left_behind(env) == []  # each actor's copy of the graph, removed once loaded
 
     photos = [str(p) for p in sorted(src.rglob("*.jpg")) if p.name != "broken.jpg"]
     preds = []
