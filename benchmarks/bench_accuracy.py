@@ -228,6 +228,17 @@ def main() -> int:
                 acc = [r["held_out_accuracy"] for r in small if r["regime"] == regime and r["case"].startswith(size)]
                 lines.append(f"- {size}, {regime}: mean {np.mean(acc):.2%} over {len(acc)} draws "
                              f"(min {min(acc):.2%}, max {max(acc):.2%})")
+    chosen = [r for r in rows if r["train"].get("fine_tune", {}).get("final_layer")]
+    if chosen:
+        lines += ["", "Final layer after fine-tuning (the lower calibrated validation cross entropy is kept; an "
+                  "L-BFGS one is refitted on train + validation):", ""]
+        for r in chosen:
+            fl = r["train"]["fine_tune"]["final_layer"]
+            lines.append(f"- {r['config']}: {fl['chosen']}; calibrated validation cross entropy "
+                         f"{fl['fine-tuned']['validation_calibrated_cross_entropy']:.4f} fine-tuned head "
+                         f"({fl['fine-tuned']['validation_accuracy']:.2%}), "
+                         f"{fl['lbfgs']['validation_calibrated_cross_entropy']:.4f} L-BFGS at L2 {fl['lbfgs']['l2']:g} "
+                         f"({fl['lbfgs']['validation_accuracy']:.2%})")
     lines += ["", "Per-class test recall:", ""]
     for r in rows:
         lines.append(f"- {r['config']}: " + ", ".join(f"{c} {v:.1%}" for c, v in r["test_per_class_recall"].items()))

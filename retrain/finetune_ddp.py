@@ -254,6 +254,7 @@ def _torchrun(folder: Path, nproc: int) -> int:
     args = ["--nnodes", "1", "--nproc-per-node", str(nproc), "--max-restarts", "0",
             "--rdzv-backend", "c10d", "--rdzv-conf", "store_type=file",
             "--rdzv-endpoint", str(folder / "rendezvous"), "--rdzv-id", folder.name, "--local-addr", "127.0.0.1",
+            "--log-dir", str(folder / "torchrun"),  # else a torchelastic_* folder left in the user's /tmp per run
             "-m", "retrain.finetune_ddp", "rank", str(folder)]
     try:
         run.main(args)

@@ -161,10 +161,12 @@ def test_fit_on_two_processes_labels_like_one(tmp_path):
     Their epochs differ only by the dropout masks (every process draws the same photos, views
     and mixing): the first batch's loss is the same to a few thousandths, while another seed
     changes it by tenths; the labels and the validation accuracy agree within a seed's spread."""
-    runs = {}
+    runs, scratch = {}, tmp_path / "tmp"
+    scratch.mkdir()
     for n in (1, 2):
         out = tmp_path / f"nproc{n}"
-        p = run_cli("fit", EXAMPLES, "-o", out, "--fine-tune", "--epochs", "2", "--nproc", str(n))
+        p = run_cli("fit", EXAMPLES, "-o", out, "--fine-tune", "--epochs", "2", "--nproc", str(n),
+                    env={"TMPDIR": str(scratch)})
         runs[n] = json.loads((out / "report.json").read_text())
         assert "Traceback" not in p.stderr and "Warning" not in p.stderr
     assert "on 2 processes (PyTorch DDP, gloo), 1 thread each" in p.stderr or os.cpu_count() > 2
@@ -178,6 +180,8 @@ def test_fit_on_two_processes_labels_like_one(tmp_path):
     a, b = _labels(tmp_path / "nproc1"), _labels(tmp_path / "nproc2")
     assert len(a) == 60 and sum(a[k] == b[k] for k in a) >= 36  # most photos (seeds 0 and 1 agree on ~37)
     assert not list(tmp_path.glob(".*checkpoint*"))  # finished: nothing left to resume
+    # Nor torchrun's logs in the temporary folder (libraries' own caches, such as torchinductor's, may be).
+    assert sorted(p.name for p in scratch.iterdir() if p.name.startswith(("torchelastic_", "retrain"))) == []
 
 
 def _descendants(pid: int) -> list[int]:
