@@ -78,12 +78,13 @@ def feature_session(backbone: Backbone, *, provider: str = "auto", precision: st
 
 def compute_cached(keys: list[bytes], loader, make_engine, cache: BottleneckCache, *, batch_size: int = 8,
                    workers: int | None = None, mean=127.0, std=128.0, desc: str = "Bottlenecks",
-                   quiet: bool = False, out_dtype=np.float32):
+                   quiet: bool = False, out_dtype=np.float32, out: np.ndarray | None = None):
     """Features for every key: from `cache`, or computed now by `make_engine()` on
     `loader(index)` (a photo as uint8 (H, W, 3)) and added to it.
 
     Returns (features (len(keys), cache.dim) with NaN rows where a photo could not be read,
     {index of a key: reason}, timing). Identical keys are computed once.
+    out: the (len(keys), cache.dim) array to fill and return instead of a new one.
     """
     todo = missing(keys, cache)
     timing = {"cached": len(keys) - len(todo), "computed": len(todo)}
@@ -104,10 +105,11 @@ def compute_cached(keys: list[bytes], loader, make_engine, cache: BottleneckCach
         bad = {keys[todo[j]]: r for j, r in fails.items()}
         failures = {i: bad[k] for i, k in enumerate(keys) if k in bad}
         cache.compact_if_needed()
-    feats = np.full((len(keys), cache.dim), np.nan, out_dtype)
+    feats = np.empty((len(keys), cache.dim), out_dtype) if out is None else out
     ok = [i for i, k in enumerate(keys) if k in cache]
+    feats[[i for i, k in enumerate(keys) if k not in cache]] = np.nan
     if ok:
-        feats[ok] = cache.get([keys[i] for i in ok])
+        cache.get([keys[i] for i in ok], out=feats, rows=ok)  # straight into feats, no copy between
     return feats, failures, timing
 
 

@@ -325,10 +325,14 @@ class BottleneckCache:
     def __contains__(self, key: bytes) -> bool:
         return key in self._index
 
-    def get(self, keys: list[bytes]) -> np.ndarray:
-        """(n, C) features (the cache's dtype) for keys that are all present."""
-        out = np.empty((len(keys), self.dim), self.dtype)
-        for i, k in enumerate(keys):
+    def get(self, keys: list[bytes], out: np.ndarray | None = None, rows=None) -> np.ndarray:
+        """(n, C) features (the cache's dtype) for keys that are all present; into out[rows]
+        (rows: one index of `out` per key, default 0..n-1) where `out` is given, with no copy
+        between (fine-tuning's activations are GBs: a fresh array is time on a VM)."""
+        if out is None:
+            out = np.empty((len(keys), self.dim), self.dtype)
+        rows = range(len(keys)) if rows is None else rows
+        for i, k in zip(rows, keys):
             a, r = self._index[k]
             out[i] = self._arrays[a][r]
         return out

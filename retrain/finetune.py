@@ -118,13 +118,13 @@ def fine_tune(cfg, bb, items, y, parts, *, W0, b0, views=0, distortions=None, ca
     device = pick_device(cfg.provider)
     net, start, n_blocks = build_net(bb, cfg.unfreeze, W0, b0, device)
     log(f"Fine-tuning: blocks {start}-{n_blocks - 1} and the head unfrozen, on {device}")
-    centre, vws, shape, t_act = prefix_activations(
+    centre, pool, shape, t_act = prefix_activations(
         items, bb, start, cache_dir, views=views, distortions=distortions, view_items=parts["train"],
         provider=cfg.provider, batch_size=cfg.batch_size, workers=cfg.workers or None, quiet=cfg.quiet, log=log)
     if t_act.get("computed"):
         log(f"Frozen-part activations: {t_act['computed']} computed in {t_act.get('seconds', 0):.1f} s, "
             f"{t_act['cached']} from cache")
-    data = ActivationData.build(centre, vws, shape, y, parts, device)
+    data = ActivationData.build(centre, pool, shape, y, parts, device)
     k = int(W0.shape[1])
     sig = _signature(cfg, start, k, len(parts["train"]), views, distortions)
     loop = make_loop(cfg, net, data, sig, checkpoint, device, log)
@@ -296,13 +296,16 @@ class ActivationData:
     shape: tuple  # (C, h, w)
 
     @classmethod
-    def build(cls, centre, vws, shape, y, parts, device) -> "ActivationData":
+    def build(cls, centre, pool, shape, y, parts, device) -> "ActivationData":
+        """centre: (n, D) of every photo; pool: (n_train, 1 + V, D) of the training photos
+        (prefix_activations), used as it is."""
         torch = _torch()
         tr, va = parts["train"], parts["validation"]
-        pool = np.concatenate([centre[tr][:, None]] + ([vws] if vws is not None else []), axis=1)
         Xva = torch.from_numpy(centre[va].astype(np.float32).reshape(-1, *shape)).to(
             device, memory_format=torch.channels_last)
-        return cls(pool, np.isfinite(pool).all(axis=2), torch.from_numpy(y[tr]).to(device), Xva,
+        # Which views could be read, photo by photo: no temporary the size of the pool.
+        good = np.array([np.isfinite(views).all(axis=1) for views in pool]).reshape(pool.shape[:2])
+        return cls(pool, good, torch.from_numpy(y[tr]).to(device), Xva,
                    torch.from_numpy(y[va]).to(device), tuple(shape))
 
 

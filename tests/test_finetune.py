@@ -190,3 +190,46 @@ def test_after_fine_tuning_the_final_layer_is_the_better_one_on_validation_and_l
     final, selection = final_layer_on_fine_tuned(plan, data, strong, info, Log.silent())
     assert info["fine_tune"]["final_layer"]["chosen"] == "fine-tuned" and "refit" not in info
     assert final is selection is strong
+
+
+def test_prefix_activations_pool_holds_each_training_photos_centre_and_its_own_views(tmp_path):
+    """The training pool (photo, view) is filled in place from the cache: row j is view_items[j]'s
+    centre view, then its distorted views, each the frozen prefix of that very view; a second
+    call reads the same numbers back from the cache."""
+    import numpy as np
+
+    from retrain import augment, images
+    from retrain.architectures import get_backbone
+    from retrain.backbone_split import prefix_activations, prefix_onnx
+    from retrain.runtime import OnnxEngine, make_session
+    from retrain.scan import scan
+
+    bb = get_backbone("efficientnet_lite0")
+    items = scan(make_dataset(tmp_path / "images", per_class=3), quiet=True).items
+    d = augment.Distortions(flip_left_right=True, random_crop=20.0, random_scale=30.0, random_brightness=15.0)
+    train = np.array([7, 2, 5])  # not in order, and not every photo
+    kw = dict(views=2, distortions=d, view_items=train, provider="cpu", quiet=True)
+    centre, pool, shape, t = prefix_activations(items, bb, 14, tmp_path / "cache", **kw)
+    assert t["computed"] == len(items) + 2 * len(train) and pool.shape == (3, 3, int(np.prod(shape)))
+    assert centre.shape == (len(items), pool.shape[2]) and np.isfinite(centre).all()
+
+    engine = OnnxEngine(make_session(prefix_onnx(bb, 14), provider="cpu"))
+    size, crop = bb.image_size, bb.crop_fraction
+
+    def prefix(img):
+        return engine(images.normalize(img[None], bb.mean, bb.std))[0].reshape(-1)
+
+    for j, i in enumerate(train):
+        np.testing.assert_array_equal(pool[j, 0], centre[i])
+        np.testing.assert_allclose(pool[j, 0], prefix(images.load(items[i].path, size, crop)), atol=2e-2, rtol=1e-2)
+        for v in range(2):
+            view = augment.load_view(items[i].path, items[i].digest, v, d, size, crop)
+            np.testing.assert_allclose(pool[j, 1 + v], prefix(view), atol=2e-2, rtol=1e-2)
+    assert not np.array_equal(pool[0, 1], pool[0, 2])  # two different views
+    other = next(i for i in range(len(items)) if i not in train)
+    np.testing.assert_allclose(centre[other], prefix(images.load(items[other].path, size, crop)), atol=2e-2, rtol=1e-2)
+
+    centre2, pool2, _, t2 = prefix_activations(items, bb, 14, tmp_path / "cache", **kw)
+    assert t2["computed"] == 0
+    np.testing.assert_array_equal(pool2, pool)
+    np.testing.assert_array_equal(centre2, centre)
