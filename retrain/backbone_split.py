@@ -154,6 +154,35 @@ def activation_shape(bb, start: int) -> tuple[int, int, int]:
 
 # ------------------------------------------------------------------------ cached prefix activations
 
+class RecentDecodes:
+    """The last few photos opened, shared by the loader's threads: the first thread to ask for a
+    photo decodes it, the others wait for that one (a decode is about half of a view's cost:
+    BENCHMARKS.md, issue 15). A photo that cannot be read raises its ImageError for every view."""
+
+    def __init__(self, keep: int = 16):
+        import threading
+        from collections import OrderedDict
+
+        self.keep, self.lock, self.recent = keep, threading.Lock(), OrderedDict()
+
+    def get(self, path, decode):
+        from concurrent.futures import Future
+
+        with self.lock:
+            fut, mine = self.recent.get(path), False
+            if fut is None:
+                fut, mine = Future(), True
+                self.recent[path] = fut
+                if len(self.recent) > self.keep:
+                    self.recent.popitem(last=False)
+        if mine:
+            try:
+                fut.set_result(decode())
+            except BaseException as e:  # noqa: BLE001 - handed to every view of the photo
+                fut.set_exception(e)
+        return fut.result()
+
+
 def prefix_activations(items, bb, start: int, cache_dir, *, views: int = 0, distortions=None,
                        view_items=None, provider: str = "auto", batch_size: int = 32, workers=None,
                        quiet=False, log=None):
@@ -185,11 +214,16 @@ def prefix_activations(items, bb, start: int, cache_dir, *, views: int = 0, dist
         i, v = job
         return key_of(items[i].digest, "prefix" if v < 0 else "prefix|" + augment.variant(distortions, v))
 
+    decoded = RecentDecodes()  # a photo's centre and views are side by side in `jobs`: decoded once
+    draft = images.draft_for(size, crop)
+
     def loader(j):
         i, v = jobs[j]
+        path = items[i].path
+        im = decoded.get(path, lambda: images.open_image(path, draft_size=draft))
         if v < 0:
-            return images.load(items[i].path, size, crop)
-        return augment.load_view(items[i].path, items[i].digest, v, distortions, size, crop)
+            return images.centre_view(im, size, crop, str(path))
+        return augment.distort(im, size, crop, augment.view_params(items[i].digest, v, distortions))
 
     feats, _fails, timing = compute_cached(
         [key(j) for j in jobs], loader, lambda: OnnxEngine(make_session(prefix_onnx(bb, start, log=log),

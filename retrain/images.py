@@ -161,9 +161,18 @@ def center_crop_resize(im, size, crop_fraction: float) -> np.ndarray:
 def load(source, size, crop_fraction: float, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Path or bytes -> uint8 (H, W, 3) ready for `normalize`. Raises ImageError."""
     # Draft so that the crop still has at least `size` pixels: no loss of detail.
-    draft = int(np.ceil(max(_wh(size)) / crop_fraction))
-    im = open_image(source, draft_size=draft, max_pixels=max_pixels)
-    with _image_errors(_name(source)):  # resampling can still meet a bad image (e.g. a lazy tile)
+    im = open_image(source, draft_size=draft_for(size, crop_fraction), max_pixels=max_pixels)
+    return centre_view(im, size, crop_fraction, _name(source))
+
+
+def draft_for(size, crop_fraction: float) -> int:
+    """The JPEG draft size for a view of `size` (so that the crop still has at least `size` pixels)."""
+    return int(np.ceil(max(_wh(size)) / crop_fraction))
+
+
+def centre_view(im, size, crop_fraction: float, name: str) -> np.ndarray:
+    """An opened image's centre crop, resized (center_crop_resize); its errors as ImageError."""
+    with _image_errors(name):  # resampling can still meet a bad image (e.g. a lazy tile)
         return center_crop_resize(im, size, crop_fraction)
 
 
