@@ -233,3 +233,53 @@ def test_prefix_activations_pool_holds_each_training_photos_centre_and_its_own_v
     assert t2["computed"] == 0
     np.testing.assert_array_equal(pool2, pool)
     np.testing.assert_array_equal(centre2, centre)
+
+
+def test_recent_decodes_opens_each_photo_once_for_all_its_views(tmp_path):
+    """prefix_activations' loader threads ask for a photo once per view (7 times by default):
+    it is decoded once, the other threads wait for that decode; a photo that cannot be read
+    gives every view the same one-line reason."""
+    import threading
+
+    import pytest as _pytest
+
+    from retrain import images
+    from retrain.backbone_split import RecentDecodes
+    from retrain.errors import ImageError
+
+    photos = make_dataset(tmp_path / "images", classes=("a",), per_class=3)
+    paths = sorted(str(p) for p in photos.rglob("*.jpg"))
+    (photos / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a photo")
+    calls, lock = [], threading.Lock()
+
+    def decode(path):
+        with lock:
+            calls.append(path)
+        return images.open_image(path, draft_size=256)
+
+    recent = RecentDecodes(keep=2)
+    got = {}
+
+    def view(path, v):
+        got[(path, v)] = recent.get(path, lambda: decode(path))
+
+    threads = [threading.Thread(target=view, args=(paths[0], v)) for v in range(7)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == [paths[0]] and len({id(im) for im in got.values()}) == 1
+    assert got[(paths[0], 0)].size == images.open_image(paths[0]).size
+
+    for p in paths[1:]:  # two more photos: the first one is no longer kept
+        recent.get(p, lambda p=p: decode(p))
+    recent.get(paths[0], lambda: decode(paths[0]))
+    assert calls == [paths[0], paths[1], paths[2], paths[0]]
+
+    broken = str(photos / "a" / "broken.jpg")
+    reasons = set()
+    for _ in range(3):
+        with _pytest.raises(ImageError) as e:
+            recent.get(broken, lambda: decode(broken))
+        reasons.add(str(e.value))
+    assert len(reasons) == 1 and calls.count(broken) == 1
