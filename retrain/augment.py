@@ -131,8 +131,7 @@ def distort(im, size, crop_fraction: float, params: dict) -> np.ndarray:
 
 def load_view(path, digest: str, view: int, d: Distortions, size, crop_fraction: float) -> np.ndarray:
     """Decode `path` and make its view number `view`. Raises ImageError."""
-    from retrain.images import open_image
+    from retrain.images import draft_for, open_image
 
-    draft = int(np.ceil(max(np.atleast_1d(size)) / crop_fraction))
-    im = open_image(path, draft_size=draft)
+    im = open_image(path, draft_size=draft_for(size, crop_fraction))
     return distort(im, size, crop_fraction, view_params(digest, view, d))

@@ -106,9 +106,10 @@ def compute_cached(keys: list[bytes], loader, make_engine, cache: BottleneckCach
         failures = {i: bad[k] for i, k in enumerate(keys) if k in bad}
         cache.compact_if_needed()
     feats = np.empty((len(keys), cache.dim), out_dtype) if out is None else out
-    ok = [i for i, k in enumerate(keys) if k in cache]
-    feats[[i for i, k in enumerate(keys) if k not in cache]] = np.nan
-    if ok:
+    found = np.fromiter((k in cache for k in keys), bool, len(keys))
+    feats[~found] = np.nan
+    ok = np.nonzero(found)[0]
+    if len(ok):
         cache.get([keys[i] for i in ok], out=feats, rows=ok)  # straight into feats, no copy between
     return feats, failures, timing
 
