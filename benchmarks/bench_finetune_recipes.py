@@ -42,6 +42,8 @@ VARIANTS = {
     "unfreeze-5": ({}, ["--unfreeze", "5"]),
     "unfreeze-6-3-views": ({"DEFAULT_VIEWS": 3}, ["--unfreeze", "6"]),
     "3-views-6-epochs": ({"DEFAULT_VIEWS": 3}, ["--epochs", "6"]),
+    "3-views-5-epochs": ({"DEFAULT_VIEWS": 3}, ["--epochs", "5"]),
+    "6-views-4-epochs": ({}, ["--epochs", "4"]),
     "default": ({}, []),  # as shipped: --unfreeze 8, 6 strong views, 8 epochs, mixup 0.2, dropout 0.2
 }
 
@@ -65,8 +67,9 @@ def main() -> int:
     if not a.data.is_dir():
         sys.exit(f"data not found: {a.data}")
     print("| variant | constants | flags | seed | best val. calibrated CE | val. accuracy there | best epoch | "
-          "epochs run | activations | epoch (mean) | wall | test accuracy (not used) |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "epochs run | final layer: kept, val. calibrated CE | val. accuracy (selection head) | activations | "
+          "epoch (mean) | wall | test accuracy (not used) |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory(prefix="bench-recipes-") as tmp:
         for name, seed in [(n, sd) for n in a.only.split(",") for sd in seeds]:
             consts, flags = VARIANTS[name]
@@ -86,10 +89,14 @@ def main() -> int:
                 d = consts["DEFAULT_DISTORTIONS"]
                 shown += f", crop/scale/brightness {d['random_crop']:g}/{d['random_scale']:g}/{d['random_brightness']:g}"
             epoch_s = sum(h["seconds"] for h in ft["history"]) / max(1, len(ft["history"]))
+            fl = ft.get("final_layer", {})  # the head fit keeps after fine-tuning (retrain.final_layer)
+            kept = (f"{fl['chosen']}, {fl[fl['chosen']]['validation_calibrated_cross_entropy']:.4f}"
+                    if fl else "(fine-tuned)")
             act_s = ft.get("activations", {}).get("seconds", 0.0)
             print(f"| {name} | {shown or '(as shipped)'} | `{' '.join(flags) or '(none)'}` | {seed} | "
                   f"{best['validation_calibrated_cross_entropy']:.4f} | {best['validation_accuracy']:.2%} | "
-                  f"{best['epoch']} | {ft['epochs_run']} | {act_s:.0f} s | {epoch_s:.1f} s | {wall:.0f} s | "
+                  f"{best['epoch']} | {ft['epochs_run']} | {kept} | {rep['metrics']['validation']['accuracy']:.2%} | "
+                  f"{act_s:.0f} s | {epoch_s:.1f} s | {wall:.0f} s | "
                   f"{rep['metrics']['test']['accuracy']:.2%} |", flush=True)
     return 0
 

@@ -66,8 +66,8 @@ class Backbone:
     # trains the backbone, so it runs at this side (retrain.bottlenecks.plan_backbone).
     train_size: int = 0
     # kind "concat": the built-in backbones run side by side on the same photo (at image_size), their
-    # features concatenated; one features graph, one model file. Head-only: --fine-tune trains
-    # the first of them (retrain.bottlenecks.plan_backbone).
+    # features concatenated; one features graph, one model file. --fine-tune trains the first of
+    # them and keeps the others frozen beside it (tuned_network).
     parts: tuple = ()
 
     @property
@@ -100,7 +100,13 @@ class Backbone:
 
     @property
     def can_fine_tune(self) -> bool:
-        return self.kind == "torch"
+        return self.kind in ("torch", "concat")
+
+    @property
+    def tuned_network(self) -> "Backbone":
+        """The network --fine-tune trains: this one, or for kind concat the first of its members
+        (the others stay frozen beside it, and the final layer sees all their features)."""
+        return self.members[0] if self.kind == "concat" else self
 
     def fine_tune_error(self) -> ConfigError:
         return ConfigError(

@@ -242,10 +242,12 @@ def prefix_activations(items, bb, start: int, cache_dir, *, views: int = 0, dist
 
 def fine_tuned_features_onnx(bb, result, path: Path) -> None:
     """The whole backbone with the fine-tuned tail (`result`: a retrain.finetune.FineTuneResult),
-    exported (N,3,H,W) -> (N,C) to `path`."""
-    from retrain.features import build_torch, export_onnx, feature_module
+    exported (N,3,H,W) -> (N,C) to `path`; for kind concat, the tuned network (the first) beside
+    the frozen others, their features concatenated as in the bottlenecks."""
+    from retrain.features import export_onnx, feature_net
 
-    model = build_torch(bb)
-    tail = make_tail(model, result.start)
-    tail.load_state_dict({n: t.contiguous() for n, t in result.tail_state.items()})  # updates `model`
-    export_onnx(feature_module(model.eval()), path, bb.image_size)
+    net = feature_net(bb)
+    tuned = (net.nets[0] if bb.kind == "concat" else net).net  # the EfficientNet inside the features module
+    tail = make_tail(tuned, result.start)
+    tail.load_state_dict({n: t.contiguous() for n, t in result.tail_state.items()})  # updates `tuned`
+    export_onnx(net.eval(), path, bb.image_size)

@@ -24,13 +24,14 @@ _SESSIONS: dict = {}
 _SESSIONS_LOCK = threading.Lock()
 
 
-def choose_precision(asked: str, *, provider: str = "auto", fine_tune: bool = False) -> str:
+def choose_precision(asked: str, *, provider: str = "auto") -> str:
     """The bottleneck precision to use: `asked`, or for "auto" the fastest that keeps accuracy.
 
     auto: bf16 on a CPU with native bf16 units (AMX / AVX-512 BF16) when OpenVINO is installed
-    and no GPU provider is in use; fp32 otherwise, and always fp32 for --fine-tune (it trains
-    in floating point from fp32 activations). int8 is never chosen automatically: its
-    calibration photos are flowers, and photos of another kind should not pay for that.
+    and no GPU provider is in use; fp32 otherwise. --fine-tune too: its bottlenecks give the start
+    head and the features of the networks kept frozen, while the part it trains runs on fp32
+    activations of its own. int8 is never chosen automatically: its calibration photos are
+    flowers, and photos of another kind should not pay for that.
     bf16 asked for where it cannot run is an error that says why.
     """
     from retrain.runtime import PROVIDERS, available_providers, cpu_has_bf16, gpu_visible, openvino_available
@@ -38,7 +39,7 @@ def choose_precision(asked: str, *, provider: str = "auto", fine_tune: bool = Fa
     gpu = provider in ("cuda", "tensorrt") or (
         provider == "auto" and gpu_visible() and PROVIDERS["cuda"] in available_providers())
     if asked == "auto":
-        if fine_tune or gpu or not cpu_has_bf16() or not openvino_available():
+        if gpu or not cpu_has_bf16() or not openvino_available():
             return "fp32"
         return "bf16"
     if asked == "bf16":
@@ -167,10 +168,9 @@ def plan_backbone(cfg, precision: str, *, log=None) -> tuple[Backbone, str]:
                       height=getattr(cfg, "input_height", None), width=getattr(cfg, "input_width", None),
                       log=log, quiet=cfg.quiet)
     if cfg.fine_tune and bb.kind == "concat":  # fine-tuning trains one network: the first
-        log(f"Fine-tuning trains {bb.parts[0]}, the first network of {bb.name}, alone "
-            "(--architecture NAME fine-tunes another)")
-        bb = get_backbone(bb.parts[0], height=getattr(cfg, "input_height", None),
-                          width=getattr(cfg, "input_width", None))
+        log(f"Fine-tuning trains {bb.parts[0]}, the first network of {bb.name}; "
+            f"{', '.join(bb.parts[1:])} stay{'s' if len(bb.parts) == 2 else ''} frozen beside it "
+            "(--architecture NAME fine-tunes one network alone)")
     if cfg.fine_tune and not bb.can_fine_tune:
         raise bb.fine_tune_error()
     if cfg.fine_tune and bb.train_size and getattr(cfg, "input_height", None) is None \

@@ -16,6 +16,11 @@ from retrain.fit_data import Data, Plan, checkpoint_path
 from retrain.head import LBFGS_MAX_ITER, SGD_LEARNING_RATE, SGD_STEPS, Head, train_lbfgs, train_sgd
 
 
+def loss_weights(cfg) -> str | None:
+    """--class_weights as retrain.head takes it: None for "none"."""
+    return cfg.class_weights if cfg.class_weights != "none" else None
+
+
 def train_final_layer(plan: Plan, data: Data, log) -> tuple[Head, dict, list]:
     """The softmax layer on the training bottlenecks (plus cached distorted views, if asked for):
     L-BFGS with L2 chosen on validation, or the codelab's SGD. Returns (head, info, history)."""
@@ -33,7 +38,7 @@ def train_final_layer(plan: Plan, data: Data, log) -> tuple[Head, dict, list]:
 
     t0 = time.perf_counter()
     k = len(data.labels)
-    weights = cfg.class_weights if cfg.class_weights != "none" else None
+    weights = loss_weights(cfg)
     if plan.optimizer == "lbfgs":
         log(f"Training the final layer (L-BFGS, L2 {'chosen on validation' if cfg.l2 is None else cfg.l2})")
         head, l2, history, grid = train_lbfgs(Xtr, ytr, data.X[va], data.y[va], k, l2=cfg.l2,
@@ -78,24 +83,45 @@ def distorted_views(plan: Plan, data: Data, log, idx=None) -> tuple[np.ndarray, 
 
 
 def fine_tune_backbone(plan: Plan, data: Data, head: Head, train_info: dict, log):
-    """Train the last backbone blocks with the head (retrain.finetune), starting from `head`.
-    Replaces data.X by the fine-tuned features. Returns (the new head, FineTuneResult)."""
+    """Train the last blocks of the backbone's tuned network with a head (retrain.finetune),
+    starting from `head`, or, when other networks run frozen beside it (the default Lite0 +
+    Lite1), from an L-BFGS head on its own features. Replaces its columns of data.X by the
+    fine-tuned features. Returns (the fine-tuned head, on all of data.X's columns; FineTuneResult)."""
     from retrain import augment
     from retrain.finetune import DEFAULT_DISTORTIONS, DEFAULT_VIEWS
     from retrain.finetune_ddp import fine_tune  # retrain.finetune's, its epochs in --nproc processes
 
     t0 = time.perf_counter()
-    W0, b0 = head.folded()
+    tuned = plan.backbone.tuned_network
+    C, C0 = data.X.shape[1], tuned.feature_dim
+    start, start_info = (head, None) if C0 == C else start_head(plan, data, C0, log)
+    W0, b0 = start.folded()
     # Fine-tuning without distortion flags still trains on a few cached distorted views.
     d, views = ((plan.distortions, plan.views) if plan.views
                 else (augment.Distortions(**DEFAULT_DISTORTIONS), DEFAULT_VIEWS))
-    ft = fine_tune(plan.cfg, plan.backbone, data.items, data.y, data.parts, W0=W0, b0=b0, views=views,
+    ft = fine_tune(plan.cfg, tuned, data.items, data.y, data.parts, W0=W0, b0=b0, views=views,
                    distortions=d, cache_dir=data.cache.folder.parent, checkpoint=checkpoint_path(plan.out), log=log)
-    data.X = ft.features
-    C = data.X.shape[1]
-    train_info["fine_tune"] = ft.info | {"history": ft.history}
+    data.X = ft.features if C0 == C else np.concatenate([ft.features, data.X[:, C0:]], axis=1)
+    train_info["fine_tune"] = ft.info | {"network": tuned.name, "frozen_beside": list(plan.backbone.parts[1:]),
+                                         "history": ft.history}
+    if start_info:
+        train_info["fine_tune"]["start_head"] = start_info
     data.timings["fine_tune_s"] = round(time.perf_counter() - t0, 3)
-    return Head(ft.W.astype(np.float64), ft.b.astype(np.float64), np.zeros(C), np.ones(C)), ft
+    W = np.zeros((C, ft.W.shape[1]))
+    W[:C0] = ft.W  # the frozen networks' features have no weight in the head fine-tuning trained
+    return Head(W, ft.b.astype(np.float64), np.zeros(C), np.ones(C)), ft
+
+
+def start_head(plan: Plan, data: Data, C0: int, log) -> tuple[Head, dict]:
+    """The head fine-tuning starts from when frozen networks run beside the tuned one: L-BFGS on
+    the tuned network's features alone (the first C0 columns), L2 chosen on validation."""
+    tr, va, _ = data.split
+    X0 = data.X[:, :C0]
+    head, l2, _, _ = train_lbfgs(X0[tr], data.y[tr], X0[va], data.y[va], len(data.labels), l2=plan.cfg.l2,
+                                 max_iter=plan.cfg.how_many_training_steps or LBFGS_MAX_ITER,
+                                 weights=loss_weights(plan.cfg))
+    log(f"Fine-tuning starts from an L-BFGS head on {plan.backbone.parts[0]}'s {C0} features (L2 {l2:g})")
+    return head, {"features": C0, "l2": l2}
 
 
 def final_layer_on_fine_tuned(plan: Plan, data: Data, tuned: Head, train_info: dict, log) -> tuple[Head, Head]:
@@ -111,7 +137,7 @@ def final_layer_on_fine_tuned(plan: Plan, data: Data, tuned: Head, train_info: d
     if plan.optimizer != "lbfgs" or not len(va):
         return tuned, tuned
     t0 = time.perf_counter()
-    k, weights = len(data.labels), (cfg.class_weights if cfg.class_weights != "none" else None)
+    k, weights = len(data.labels), loss_weights(cfg)
     max_iter = cfg.how_many_training_steps or LBFGS_MAX_ITER
     lbfgs, l2, _, grid = train_lbfgs(data.X[tr], data.y[tr], data.X[va], data.y[va], k, l2=cfg.l2,
                                      max_iter=max_iter, weights=weights)
@@ -189,7 +215,7 @@ def refit_final_layer(plan: Plan, data: Data, train_info: dict, log) -> Head:
     tr, va, _ = data.split
     if not len(va):
         return train_lbfgs(data.X[tr], data.y[tr], data.X[va], data.y[va], len(data.labels), l2=train_info["l2"],
-                           weights=cfg.class_weights if cfg.class_weights != "none" else None)[0]
+                           weights=loss_weights(cfg))[0]
     t0 = time.perf_counter()
     idx = np.concatenate([tr, va])
     X, y = data.X[idx], data.y[idx]
@@ -197,7 +223,7 @@ def refit_final_layer(plan: Plan, data: Data, train_info: dict, log) -> Head:
     if plan.views:
         Xv, yv, views = distorted_views(plan, data, log, idx)
         X, y = np.concatenate([X, Xv]), np.concatenate([y, yv])
-    weights = cfg.class_weights if cfg.class_weights != "none" else None
+    weights = loss_weights(cfg)
     head = train_lbfgs(X, y, X[:0], y[:0], len(data.labels), l2=train_info["l2"],
                        max_iter=cfg.how_many_training_steps or LBFGS_MAX_ITER, weights=weights)[0]
     train_info["refit"] = {"on": "train + validation", "n": int(len(idx)), "l2": train_info["l2"],
@@ -223,7 +249,7 @@ def cross_validate_final_layer(plan: Plan, data: Data, log):
     cfg = plan.cfg
     t0 = time.perf_counter()
     k, X, y = len(data.labels), data.X, data.y
-    weights = cfg.class_weights if cfg.class_weights != "none" else None
+    weights = loss_weights(cfg)
     folds = max(2, min(cfg.cv_folds, len(y)))
     log(f"Training the final layer (L-BFGS, L2 {'chosen by cross-validation' if cfg.l2 is None else cfg.l2})")
     cv = cross_validate(X, y, k, folds=folds, l2=cfg.l2, weights=weights, seed=cfg.seed,

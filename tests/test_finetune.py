@@ -79,11 +79,13 @@ def test_fine_tune_one_epoch_exports_a_self_contained_model(tmp_path):
     out = tmp_path / "run"
     p = run_cli("fit", data, "-o", out, "--fine-tune", "--epochs", "1", "--unfreeze", "1", "--tta")
     assert "Fine-tuning: blocks 15-15" in p.stderr and "epoch 1:" in p.stderr
-    assert "Fine-tuning trains efficientnet_lite0, the first network of efficientnet_lite0+efficientnet_lite1" \
-        in p.stderr  # the default joins two networks; fine-tuning trains one
+    assert ("Fine-tuning trains efficientnet_lite0, the first network of efficientnet_lite0+efficientnet_lite1; "
+            "efficientnet_lite1 stays frozen beside it") in p.stderr  # the default joins two networks
     rep = json.loads((out / "report.json").read_text())
-    assert rep["architecture"] == "efficientnet_lite0" and rep["backbone"]["feature_dim"] == 1280
+    assert rep["architecture"] == "efficientnet_lite0+efficientnet_lite1" and rep["backbone"]["feature_dim"] == 2560
     ft = rep["train"]["fine_tune"]
+    assert ft["network"] == "efficientnet_lite0" and ft["frozen_beside"] == ["efficientnet_lite1"]
+    assert ft["start_head"]["features"] == 1280  # it started from a head on lite0's features alone
     assert ft["epochs_run"] == 1 and ft["first_unfrozen_block"] == 15
     assert ft["views_per_image"] == 6  # cached distorted views even without distortion flags
     assert ft["mixup_alpha"] > 0 and ft["dropout"] > 0  # the report records the recipe that made the model
@@ -91,6 +93,7 @@ def test_fine_tune_one_epoch_exports_a_self_contained_model(tmp_path):
     assert fl["chosen"] in ("lbfgs", "fine-tuned") and fl["lbfgs"]["l2"] > 0
     refit = rep["train"].get("refit")
     assert (fl["chosen"] == "lbfgs") == (refit is not None and refit["features"] == "fine-tuned")
+    # The model computes what the final layer saw: the fine-tuned lite0's features beside lite1's.
     assert rep["export_parity_max_abs_diff"] < 2e-3
     assert not (tmp_path / ".run.fine-tune-checkpoint.pt").exists()  # finished: removed
     clf = Classifier(out, provider="cpu")
@@ -126,6 +129,21 @@ def test_interrupted_fine_tune_resumes(tmp_path):
     # A checkpoint made with other settings is refused in one line.
     q = run_cli("fit", data, "-o", out, "--fine-tune", "--resume", check=False)
     assert q.returncode == 2 and "Traceback" not in q.stderr and "--resume" in q.stderr
+
+
+def test_fine_tuning_the_default_trains_its_first_network_on_the_head_only_bottlenecks(tmp_path):
+    """--fine-tune of the default (Lite0 + Lite1) keeps both networks, trains Lite0 at the side it
+    was trained at, and reads the same bottleneck cache as the head-only fit."""
+    from retrain.config import FitConfig
+    from retrain.fit_data import plan_fit
+
+    (tmp_path / "photos").mkdir()
+    tuned, head_only = (plan_fit(FitConfig(image_dir=str(tmp_path / "photos"), output=str(tmp_path / f"r{i}"),
+                                           fine_tune=f))
+                        for i, f in enumerate((True, False)))
+    assert tuned.backbone == head_only.backbone and tuned.precision == head_only.precision
+    assert tuned.backbone.tuned_network.name == "efficientnet_lite0"
+    assert tuned.backbone.tuned_network.image_size == 224 == tuned.backbone.image_size
 
 
 def test_fine_tune_flag_errors_are_one_line(tiny_dataset, tmp_path):
