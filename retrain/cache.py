@@ -359,11 +359,15 @@ class BottleneckCache:
         self._written_at = time.monotonic()
 
     def _write_shard(self, keys: np.ndarray, feats: np.ndarray) -> Path:
-        """Write one shard atomically (a temporary file, then a rename); on any failure (a full
-        disk) the temporary file is removed and nothing already there is touched."""
+        """Write one shard of these rows atomically (see _write_table)."""
+        return self._write_table(rows_table(self.dim, self.dtype.name, keys, None, None, feats))
+
+    def _write_table(self, table) -> Path:
+        """Write a table of the store's schema as one shard, atomically (a temporary file, then a
+        rename), a digest per row group; on any failure (a full disk) the temporary file is removed
+        and nothing already there is touched."""
         import pyarrow.parquet as pq
 
-        table = rows_table(self.dim, self.dtype.name, keys, None, None, feats)
         rows = self.group_rows
         table = table.replace_schema_metadata({DIGEST_KEY: ",".join(
             table_digest(table.slice(r, rows), self.dim).hex() for r in range(0, len(table), rows))})
@@ -393,23 +397,43 @@ class BottleneckCache:
 
     def compact(self) -> None:
         """Merge the shards this instance loaded or wrote into one, written before they are
-        removed. Shards another process wrote since are left alone (they are not in memory here)."""
+        removed. Shards another process wrote since are left alone (they are not in memory here).
+        The merged shard is written from the arrays in memory as they are, not from a copy of
+        them all (fine-tuning's activations are GBs: fresh memory is time on a VM)."""
+        import pyarrow as pa
+
         self.flush()
         old = sorted(self._mine)
         if len(old) <= 1:
             return
-        keys = list(self._index)
-        k = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 16)
-        f = self.get(keys)
-        merged = self._write_shard(k, f)
+        tables = self._tables() or [rows_table(self.dim, self.dtype.name, np.zeros((0, 16), np.uint8), None, None,
+                                               np.zeros((0, self.dim), self.dtype))]
+        merged = self._write_table(pa.concat_tables(tables))
         for p in old:
             try:
                 p.unlink(missing_ok=True)
             except OSError as e:
                 raise self._error(e) from None
         self._mine = {merged}
-        self._arrays, self._index = [], {}
-        self._add_array(k, f)
+
+    def _tables(self) -> list:
+        """Every key once, as tables of the store's schema, one per array in memory: its rows that
+        the index points at (a key stored twice points at its latest row), the array itself
+        where that is all of them."""
+        keys_of: list[list[bytes]] = [[] for _ in self._arrays]
+        rows_of: list[list[int]] = [[] for _ in self._arrays]
+        for k, (a, r) in self._index.items():
+            keys_of[a].append(k)
+            rows_of[a].append(r)
+        tables = []
+        for feats, keys, rows in zip(self._arrays, keys_of, rows_of):
+            if not rows:
+                continue
+            rows = np.asarray(rows)
+            whole = len(rows) == len(feats) and bool((rows == np.arange(len(feats))).all())
+            k = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 16)
+            tables.append(rows_table(self.dim, self.dtype.name, k, None, None, feats if whole else feats[rows]))
+        return tables
 
 
 def missing(keys: list[bytes], cache) -> list[int]:

@@ -158,6 +158,33 @@ def test_float16_activations_come_back_bit_for_bit(tmp_path):
     assert got.dtype == np.float16 and got.tobytes() == feats.tobytes()
 
 
+def test_compaction_writes_each_key_once_with_its_latest_features(tmp_path, monkeypatch):
+    """Shards loaded and shards just written, one key stored twice (the second time with other
+    features, as a rerun after a change would), row groups that span them: the merged shard holds
+    every key once with the features the cache gives, and reads back whole."""
+    import retrain.cache as cache_mod
+
+    monkeypatch.setattr(cache_mod, "GROUP_BYTES", 4 * BB.feature_dim * 4)  # 4 rows a row group
+    keys, feats = _made_up(11, 8)
+    c = BottleneckCache(tmp_path / "c", BB)
+    c.add(keys[:5], feats[:5])
+    c.flush()
+    loaded = BottleneckCache(tmp_path / "c", BB)  # the first shard, read from disk
+    newer = feats[3] + 1
+    loaded.add(keys[5:], feats[5:])
+    loaded.flush()
+    loaded.add([keys[3]], newer[None])
+    loaded.compact()
+    assert len(list(loaded.folder.glob("shard-*.parquet"))) == 1
+    expect = feats.copy()
+    expect[3] = newer
+    assert np.array_equal(loaded.get(keys), expect)
+    again = BottleneckCache(tmp_path / "c", BB)
+    assert again.damaged == 0 and len(again) == 11 and np.array_equal(again.get(keys), expect)
+    (shard,) = again.folder.glob("shard-*.parquet")
+    assert pq.ParquetFile(shard).metadata.num_rows == 11  # the key stored twice is written once
+
+
 def test_a_shard_of_several_row_groups_is_read_whole_and_checked_group_by_group(tmp_path, monkeypatch):
     import retrain.cache as cache_mod
 
