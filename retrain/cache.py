@@ -406,9 +406,9 @@ class BottleneckCache:
         old = sorted(self._mine)
         if len(old) <= 1:
             return
-        tables = self._tables() or [rows_table(self.dim, self.dtype.name, np.zeros((0, 16), np.uint8), None, None,
-                                               np.zeros((0, self.dim), self.dtype))]
-        merged = self._write_table(pa.concat_tables(tables))
+        tables = self._tables()
+        merged = (self._write_table(pa.concat_tables(tables)) if tables
+                  else self._write_shard(np.zeros((0, 16), np.uint8), np.zeros((0, self.dim), self.dtype)))
         for p in old:
             try:
                 p.unlink(missing_ok=True)

@@ -259,8 +259,6 @@ def test_recent_decodes_opens_each_photo_once_for_all_its_views(tmp_path):
     gives every view the same one-line reason."""
     import threading
 
-    import pytest as _pytest
-
     from retrain import images
     from retrain.backbone_split import RecentDecodes
     from retrain.errors import ImageError
@@ -297,7 +295,7 @@ def test_recent_decodes_opens_each_photo_once_for_all_its_views(tmp_path):
     broken = str(photos / "a" / "broken.jpg")
     reasons = set()
     for _ in range(3):
-        with _pytest.raises(ImageError) as e:
+        with pytest.raises(ImageError) as e:
             recent.get(broken, lambda: decode(broken))
         reasons.add(str(e.value))
     assert len(reasons) == 1 and calls.count(broken) == 1
