@@ -44,6 +44,10 @@ VARIANTS = {
     "3-views-6-epochs": ({"DEFAULT_VIEWS": 3}, ["--epochs", "6"]),
     "3-views-5-epochs": ({"DEFAULT_VIEWS": 3}, ["--epochs", "5"]),
     "6-views-4-epochs": ({}, ["--epochs", "4"]),
+    # Training views at a smaller side than the centre views (FixRes): every epoch costs less.
+    "side-192": ({"TRAIN_SIDE_RATIO": 192 / 224}, []),
+    "side-176": ({"TRAIN_SIDE_RATIO": 176 / 224}, []),
+    "side-160": ({"TRAIN_SIDE_RATIO": 160 / 224}, []),
     "default": ({}, []),  # as shipped: --unfreeze 8, 6 strong views, 8 epochs, mixup 0.2, dropout 0.2
 }
 

@@ -138,7 +138,7 @@ def prefix_onnx(bb, start: int, *, log=None) -> Path:
     out = cache_root() / "backbones" / f"{bb.name}-{bb.fingerprint()}-prefix{start}.onnx"
     if not out.is_file():
         if log:
-            log(f"Exporting the frozen part of {bb.name} (blocks 0-{start - 1}) to ONNX once ...")
+            log(f"Exporting the frozen part of {bb.name} (blocks 0-{start - 1}, {bb.image_size} px) to ONNX once ...")
         export_checked(make_prefix(build_torch(bb), start), out, bb.image_size, output_name="activations")
     return out
 
@@ -183,32 +183,69 @@ class RecentDecodes:
         return fut.result()
 
 
+@dataclasses.dataclass
+class PrefixActivations:
+    """What prefix_activations returns: the activations at the split point, as float16 rows."""
+
+    centre: np.ndarray  # (n, D): every item's centre view at the backbone's side
+    pool: np.ndarray  # (len(view_items), 1 + V, D'): each training item's centre view, then its views
+    shape: tuple  # (C, h, w) of a centre row
+    pool_shape: tuple  # (C, h', w') of a pool row: smaller than `shape` when trained at a smaller side
+    timing: dict
+
+
 def prefix_activations(items, bb, start: int, cache_dir, *, views: int = 0, distortions=None,
-                       view_items=None, provider: str = "auto", batch_size: int = 32, workers=None,
-                       quiet=False, log=None):
-    """Prefix activations of each item's centre view and of the distorted views of `view_items`.
+                       view_items=None, train_side: int | None = None, provider: str = "auto",
+                       batch_size: int = 32, workers=None, quiet=False, log=None) -> PrefixActivations:
+    """Prefix activations of each item's centre view and of the views of `view_items`.
 
     view_items: indices of the items that get distorted views (the training images).
-    Returns (centre (n, D) float16, pool (len(view_items), 1 + V, D) float16: the centre view
-    and the distorted ones of each of view_items, as training reads them; shape (C, h, w), timing).
+    train_side: the side of the pool's views (the training ones), when not the backbone's own:
+    then the pool is a second pass at that side, through a prefix exported at it, and the
+    centre views (validation, features, export) stay at the backbone's side.
     The pool is filled in place from the cache (it is most of the memory: 0.5 GB for the flowers).
-    Stored in a BottleneckCache of its own (folder named after the split point).
+    Stored in BottleneckCaches of their own (folders named after the split point and the side).
     """
+    view_items = np.arange(len(items)) if view_items is None else np.asarray(view_items, int)
+    run = dict(distortions=distortions, provider=provider, batch_size=batch_size, workers=workers,
+               quiet=quiet, log=log)
+    if not train_side or train_side == bb.image_size:
+        others = np.setdiff1d(np.arange(len(items)), view_items)
+        # The pool's rows first (each view item's centre, then its views), then the other centres.
+        jobs = [(int(i), v) for i in view_items for v in range(-1, views)] + [(int(i), -1) for i in others]
+        feats, shape, timing = _prefix_pass(items, bb, start, cache_dir, jobs, **run)
+        m = len(view_items) * (1 + views)
+        pool = feats[:m].reshape(len(view_items), 1 + views, -1)
+        centre = np.empty((len(items), pool.shape[2]), np.float16)
+        centre[view_items] = pool[:, 0]
+        centre[others] = feats[m:]
+        return PrefixActivations(centre, pool, shape, shape, timing)
+    # The same field of view (the centre crop's fraction), at fewer pixels.
+    small = dataclasses.replace(bb, image_size=int(train_side), crop=bb.crop_fraction)
+    jobs = [(int(i), v) for i in view_items for v in range(-1, views)]
+    feats, pool_shape, t_pool = _prefix_pass(items, small, start, cache_dir, jobs,
+                                             desc=f"Frozen-part activations at {train_side} px", **run)
+    pool = feats.reshape(len(view_items), 1 + views, -1)
+    centre, shape, t_centre = _prefix_pass(items, bb, start, cache_dir, [(i, -1) for i in range(len(items))],
+                                           desc=f"Frozen-part activations at {bb.image_size} px", **run)
+    timing = {k: round(t_pool.get(k, 0) + t_centre.get(k, 0), 3) for k in ("computed", "cached", "seconds")}
+    return PrefixActivations(centre, pool, shape, pool_shape, {**timing, "training_side": int(train_side)})
+
+
+def _prefix_pass(items, bb, start, cache_dir, jobs, *, distortions, provider, batch_size, workers, quiet,
+                 log, desc="Frozen-part activations"):
+    """The prefix activations of `jobs` ((item, view) pairs, view -1 the centre), at bb's side,
+    from the cache or computed. Returns ((len(jobs), D) float16, (C, h, w), timing)."""
     from retrain import augment, images
     from retrain.bottlenecks import compute_cached
     from retrain.cache import BottleneckCache, key_of
     from retrain.runtime import OnnxEngine, make_session
 
     shape = activation_shape(bb, start)
-    dim = int(np.prod(shape))
-    pseudo = dataclasses.replace(bb, name=f"{bb.name}-prefix{start}", feature_dim=dim)
+    pseudo = dataclasses.replace(bb, name=f"{bb.name}-prefix{start}", feature_dim=int(np.prod(shape)))
     # float16: half the memory and disk of float32, and finer than the bf16 that training uses.
     cache = BottleneckCache(cache_dir, pseudo, dtype="float16", log=log)
     size, crop = bb.image_size, bb.crop_fraction
-    view_items = np.arange(len(items)) if view_items is None else np.asarray(view_items, int)
-    others = np.setdiff1d(np.arange(len(items)), view_items)
-    # The pool's rows first (each view item's centre, then its views), then the other centres.
-    jobs = [(int(i), v) for i in view_items for v in range(-1, views)] + [(int(i), -1) for i in others]
 
     def key(job):
         i, v = job
@@ -229,13 +266,8 @@ def prefix_activations(items, bb, start: int, cache_dir, *, views: int = 0, dist
         [key(j) for j in jobs], loader, lambda: OnnxEngine(make_session(prefix_onnx(bb, start, log=log),
                                                                           provider=provider)),
         cache, batch_size=batch_size, workers=workers, mean=bb.mean, std=bb.std,
-        desc="Frozen-part activations", quiet=quiet, out_dtype=np.float16)
-    m = len(view_items) * (1 + views)
-    pool = feats[:m].reshape(len(view_items), 1 + views, dim)
-    centre = np.empty((len(items), dim), np.float16)
-    centre[view_items] = pool[:, 0]
-    centre[others] = feats[m:]
-    return centre, pool, shape, timing
+        desc=desc, quiet=quiet, out_dtype=np.float16)
+    return feats, shape, timing
 
 
 # ------------------------------------------------------------------------ export

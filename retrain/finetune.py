@@ -63,6 +63,15 @@ WARMUP_EPOCHS = 1
 PATIENCE = 3  # epochs without a better validation score before stopping, counted in the second half
 MIXUP_ALPHA = 0.2  # manifold mixup at the split point: Beta(alpha, alpha) mixing; 0 = off
 DROPOUT = 0.2  # on the pooled features, before the head (as EfficientNet-Lite was trained)
+# The training views' side as a share of the backbone's (1.0: the same side). The distorted views
+# zoom in (a box of 0.64-0.83 of the centre crop), so at a smaller side the objects are the size
+# they are at test time ("FixRes", Touvron et al. 2019), and every epoch costs less.
+TRAIN_SIDE_RATIO = 1.0
+
+
+def train_side(bb) -> int:
+    """The side of the fine-tune's training views: TRAIN_SIDE_RATIO of bb's, a multiple of 16."""
+    return bb.image_size if TRAIN_SIDE_RATIO == 1.0 else max(32, int(TRAIN_SIDE_RATIO * bb.image_size / 16 + 0.5) * 16)
 
 
 def pick_device(provider: str = "auto") -> str:
@@ -85,9 +94,9 @@ class FineTuneResult:
     info: dict
 
 
-def _signature(cfg, start, k, n_train, views, distortions) -> str:
+def _signature(cfg, start, k, n_train, views, distortions, side) -> str:
     d = {"schema": CHECKPOINT_SCHEMA, "architecture": cfg.architecture, "start": start, "k": k,
-         "n_train": n_train, "views": views, "distortions": distortions.tag() if distortions else "",
+         "n_train": n_train, "views": views, "train_side": side, "distortions": distortions.tag() if distortions else "",
          "epochs": cfg.epochs, "lr": cfg.learning_rate, "seed": cfg.seed,
          "class_weights": cfg.class_weights, "bf16": cfg.fine_tune_bf16, "image_dir": os.path.abspath(cfg.image_dir or "")}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -121,15 +130,18 @@ def fine_tune(cfg, bb, items, y, parts, *, W0, b0, views=0, distortions=None, ca
     device = pick_device(cfg.provider)
     net, start, n_blocks = build_net(bb, cfg.unfreeze, W0, b0, device)
     log(f"Fine-tuning: blocks {start}-{n_blocks - 1} and the head unfrozen, on {device}")
-    centre, pool, shape, t_act = prefix_activations(
+    side = train_side(bb)
+    acts = prefix_activations(
         items, bb, start, cache_dir, views=views, distortions=distortions, view_items=parts["train"],
-        provider=cfg.provider, batch_size=cfg.batch_size, workers=cfg.workers or None, quiet=cfg.quiet, log=log)
+        train_side=side, provider=cfg.provider, batch_size=cfg.batch_size, workers=cfg.workers or None,
+        quiet=cfg.quiet, log=log)
+    t_act = acts.timing
     if t_act.get("computed"):
         log(f"Frozen-part activations: {t_act['computed']} computed in {t_act.get('seconds', 0):.1f} s, "
             f"{t_act['cached']} from cache")
-    data = ActivationData.build(centre, pool, shape, y, parts, device)
+    data = ActivationData.build(acts, y, parts, device)
     k = int(W0.shape[1])
-    sig = _signature(cfg, start, k, len(parts["train"]), views, distortions)
+    sig = _signature(cfg, start, k, len(parts["train"]), views, distortions, side)
     loop = make_loop(cfg, net, data, sig, checkpoint, device, log)
     best, history = (run_epochs or train_epochs)(loop)
 
@@ -137,7 +149,7 @@ def fine_tune(cfg, bb, items, y, parts, *, W0, b0, views=0, distortions=None, ca
     net.tail.load_state_dict(best["tail"])
     net.head.load_state_dict(best["head"])
     with heap_kept():
-        feats = pooled_features(net, centre, shape, W0.shape[0])
+        feats = pooled_features(net, acts.centre, acts.shape, W0.shape[0])
     W = net.head.weight.detach().cpu().numpy().T.astype(np.float32)
     b = net.head.bias.detach().cpu().numpy().astype(np.float32)
     info = {"unfreeze": cfg.unfreeze, "first_unfrozen_block": start, "device": device,
@@ -146,7 +158,8 @@ def fine_tune(cfg, bb, items, y, parts, *, W0, b0, views=0, distortions=None, ca
             "tail_learning_rate": loop.head_lr * TAIL_LR_FACTOR, "weight_decay": WEIGHT_DECAY,
             "label_smoothing": LABEL_SMOOTHING, "mixup_alpha": MIXUP_ALPHA, "dropout": DROPOUT,
             "batch_size": BATCH, "patience": PATIENCE,
-            "activations": t_act, "views_per_image": views}
+            "activations": t_act, "views_per_image": views,
+            "training_side": side, "side": bb.image_size}
     return FineTuneResult({n: t.cpu() for n, t in best["tail"].items()}, W, b, feats, start, history, info)
 
 
@@ -291,25 +304,30 @@ def batch_share(m: int, rank: int, world: int):
 class ActivationData:
     """Cached activations at the split point, as training and validation read them."""
 
-    pool: np.ndarray  # (n_train, 1 + V, D) float16: the centre view and the distorted ones
+    pool: np.ndarray  # (n_train, 1 + V, D') float16: the centre view and the distorted ones
     good: np.ndarray  # (n_train, 1 + V) bool: views that could be read
     ytr: object  # torch (n_train,)
     Xva: object  # torch (n_val, C, h, w), channels last
     yva: object  # torch (n_val,)
-    shape: tuple  # (C, h, w)
+    shape: tuple  # (C, h, w) of validation
+    pool_shape: tuple | None = None  # (C, h', w') of the pool's rows (at the training side); None: shape
+
+    def __post_init__(self):
+        self.pool_shape = tuple(self.pool_shape or self.shape)
 
     @classmethod
-    def build(cls, centre, pool, shape, y, parts, device) -> "ActivationData":
-        """centre: (n, D) of every photo; pool: (n_train, 1 + V, D) of the training photos
-        (prefix_activations), used as it is."""
+    def build(cls, acts, y, parts, device) -> "ActivationData":
+        """acts: the backbone_split.PrefixActivations of every photo; its pool (the training
+        photos' views) used as it is."""
         torch = _torch()
         tr, va = parts["train"], parts["validation"]
-        Xva = torch.from_numpy(centre[va].astype(np.float32).reshape(-1, *shape)).to(
+        Xva = torch.from_numpy(acts.centre[va].astype(np.float32).reshape(-1, *acts.shape)).to(
             device, memory_format=torch.channels_last)
         # Which views could be read, photo by photo: no temporary the size of the pool.
+        pool = acts.pool
         good = np.array([np.isfinite(views).all(axis=1) for views in pool]).reshape(pool.shape[:2])
         return cls(pool, good, torch.from_numpy(y[tr]).to(device), Xva,
-                   torch.from_numpy(y[va]).to(device), tuple(shape))
+                   torch.from_numpy(y[va]).to(device), tuple(acts.shape), tuple(acts.pool_shape))
 
 
 @dataclasses.dataclass
@@ -381,7 +399,7 @@ def train_one_epoch(net: Trainable, data: ActivationData, opt, loss_fn, amp, sch
         idx = order[s * BATCH:(s + 1) * BATCH]
         # One random cached view of each image (the centre view when its views failed).
         choice = np.array([rng.choice(np.nonzero(data.good[i])[0]) for i in idx])
-        xb = torch.from_numpy(data.pool[idx, choice].astype(np.float32).reshape(-1, *data.shape)).to(
+        xb = torch.from_numpy(data.pool[idx, choice].astype(np.float32).reshape(-1, *data.pool_shape)).to(
             net.device, memory_format=torch.channels_last)
         yb = data.ytr[idx]
         lam = float(rng.beta(MIXUP_ALPHA, MIXUP_ALPHA)) if MIXUP_ALPHA > 0 else 1.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -227,9 +228,11 @@ def test_prefix_activations_pool_holds_each_training_photos_centre_and_its_own_v
     d = augment.Distortions(flip_left_right=True, random_crop=20.0, random_scale=30.0, random_brightness=15.0)
     train = np.array([7, 2, 5])  # not in order, and not every photo
     kw = dict(views=2, distortions=d, view_items=train, provider="cpu", quiet=True)
-    centre, pool, shape, t = prefix_activations(items, bb, 14, tmp_path / "cache", **kw)
+    acts = prefix_activations(items, bb, 14, tmp_path / "cache", **kw)
+    centre, pool, shape, t = acts.centre, acts.pool, acts.shape, acts.timing
     assert t["computed"] == len(items) + 2 * len(train) and pool.shape == (3, 3, int(np.prod(shape)))
     assert centre.shape == (len(items), pool.shape[2]) and np.isfinite(centre).all()
+    assert acts.pool_shape == shape
 
     engine = OnnxEngine(make_session(prefix_onnx(bb, 14), provider="cpu"))
     size, crop = bb.image_size, bb.crop_fraction
@@ -247,10 +250,26 @@ def test_prefix_activations_pool_holds_each_training_photos_centre_and_its_own_v
     other = next(i for i in range(len(items)) if i not in train)
     np.testing.assert_allclose(centre[other], prefix(images.load(items[other].path, size, crop)), atol=2e-2, rtol=1e-2)
 
-    centre2, pool2, _, t2 = prefix_activations(items, bb, 14, tmp_path / "cache", **kw)
-    assert t2["computed"] == 0
-    np.testing.assert_array_equal(pool2, pool)
-    np.testing.assert_array_equal(centre2, centre)
+    again = prefix_activations(items, bb, 14, tmp_path / "cache", **kw)
+    assert again.timing["computed"] == 0
+    np.testing.assert_array_equal(again.pool, pool)
+    np.testing.assert_array_equal(again.centre, centre)
+
+    # Training views at a smaller side: the pool is those views through a prefix exported at that
+    # side (its own cache), the centre views stay at the backbone's side (the same numbers).
+    small = prefix_activations(items, bb, 14, tmp_path / "cache", train_side=160, **kw)
+    assert small.shape == shape and small.pool_shape == (shape[0], 5, 5)  # 288 px -> 9x9, 160 px -> 5x5
+    assert small.pool.shape == (3, 3, int(np.prod(small.pool_shape)))
+    assert small.timing["computed"] == 3 * len(train) and small.timing["training_side"] == 160
+    np.testing.assert_array_equal(small.centre, centre)
+    bb160 = dataclasses.replace(bb, image_size=160, crop=crop)  # the same field of view
+    engine160 = OnnxEngine(make_session(prefix_onnx(bb160, 14), provider="cpu"))
+    j, i = 1, train[1]
+    view = augment.load_view(items[i].path, items[i].digest, 1, d, 160, crop)
+    np.testing.assert_allclose(small.pool[j, 2], engine160(images.normalize(view[None], bb.mean, bb.std))[0].reshape(-1),
+                               atol=2e-2, rtol=1e-2)
+    np.testing.assert_allclose(small.pool[j, 0], engine160(images.normalize(
+        images.load(items[i].path, 160, crop)[None], bb.mean, bb.std))[0].reshape(-1), atol=2e-2, rtol=1e-2)
 
 
 def test_recent_decodes_opens_each_photo_once_for_all_its_views(tmp_path):
