@@ -66,7 +66,7 @@ DROPOUT = 0.2  # on the pooled features, before the head (as EfficientNet-Lite w
 # The training views' side as a share of the backbone's (1.0: the same side). The distorted views
 # zoom in (a box of 0.64-0.83 of the centre crop), so at a smaller side the objects are the size
 # they are at test time ("FixRes", Touvron et al. 2019), and every epoch costs less.
-TRAIN_SIDE_RATIO = 1.0
+TRAIN_SIDE_RATIO = 160 / 224
 
 
 def train_side(bb) -> int:
@@ -129,8 +129,9 @@ def fine_tune(cfg, bb, items, y, parts, *, W0, b0, views=0, distortions=None, ca
     torch.set_num_threads(os.cpu_count() or 1)
     device = pick_device(cfg.provider)
     net, start, n_blocks = build_net(bb, cfg.unfreeze, W0, b0, device)
-    log(f"Fine-tuning: blocks {start}-{n_blocks - 1} and the head unfrozen, on {device}")
     side = train_side(bb)
+    at = "" if side == bb.image_size else f", trained on views at {side} px (scored at {bb.image_size} px)"
+    log(f"Fine-tuning: blocks {start}-{n_blocks - 1} and the head unfrozen, on {device}{at}")
     acts = prefix_activations(
         items, bb, start, cache_dir, views=views, distortions=distortions, view_items=parts["train"],
         train_side=side, provider=cfg.provider, batch_size=cfg.batch_size, workers=cfg.workers or None,
