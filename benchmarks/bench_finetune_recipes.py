@@ -48,6 +48,8 @@ VARIANTS = {
     "side-192": ({"TRAIN_SIDE_RATIO": 192 / 224}, []),
     "side-176": ({"TRAIN_SIDE_RATIO": 176 / 224}, []),
     "side-160": ({"TRAIN_SIDE_RATIO": 160 / 224}, []),
+    "side-160-last-224": ({"TRAIN_SIDE_RATIO": 160 / 224, "FULL_SIDE_EPOCHS": 1}, []),
+    "side-160-last-2-224": ({"TRAIN_SIDE_RATIO": 160 / 224, "FULL_SIDE_EPOCHS": 2}, []),
     "default": ({}, []),  # as shipped: --unfreeze 8, 6 strong views, 8 epochs, mixup 0.2, dropout 0.2
 }
 

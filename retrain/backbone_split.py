@@ -138,7 +138,8 @@ def prefix_onnx(bb, start: int, *, log=None) -> Path:
     out = cache_root() / "backbones" / f"{bb.name}-{bb.fingerprint()}-prefix{start}.onnx"
     if not out.is_file():
         if log:
-            log(f"Exporting the frozen part of {bb.name} (blocks 0-{start - 1}, {bb.image_size} px) to ONNX once ...")
+            log(f"Exporting the frozen part of {bb.name} (blocks 0-{start - 1}, {bb.image_size} px) "
+                "to ONNX once ...")
         export_checked(make_prefix(build_torch(bb), start), out, bb.image_size, output_name="activations")
     return out
 
@@ -228,7 +229,8 @@ def prefix_activations(items, bb, start: int, cache_dir, *, views: int = 0, dist
     pool = feats.reshape(len(view_items), 1 + views, -1)
     centre, shape, t_centre = _prefix_pass(items, bb, start, cache_dir, [(i, -1) for i in range(len(items))],
                                            desc=f"Frozen-part activations at {bb.image_size} px", **run)
-    timing = {k: round(t_pool.get(k, 0) + t_centre.get(k, 0), 3) for k in ("computed", "cached", "seconds")}
+    timing = {k: round(t_pool.get(k, 0) + t_centre.get(k, 0), 3)
+              for k in ("computed", "cached", "seconds", "decode_wait_s", "compute_s")}
     return PrefixActivations(centre, pool, shape, pool_shape, {**timing, "training_side": int(train_side)})
 
 

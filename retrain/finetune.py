@@ -3,17 +3,20 @@
 Why it is fast on a CPU: the frozen prefix (stem + the first blocks) is run once per image
 and view with ONNX Runtime, and its activations are cached like bottlenecks (float16, keyed
 by image digest, split point and view). Each epoch then runs only the unfrozen tail in
-PyTorch (by default the last 8 blocks, at 14x14 and 7x7), in float32 on a CPU (bf16 autocast
-with --fine-tune-bf16: no faster on 2 cores, and its rounding differs between Intel AMX and
-AMD AVX-512 BF16 kernels; BENCHMARKS.md, issue 15), CUDA with bf16 autocast when present.
+PyTorch (by default the last 8 blocks, at 10x10 and 5x5 on 160 px training views), in
+float32 on a CPU (bf16 autocast with --fine-tune-bf16: no faster on 2 cores, and its rounding
+differs between Intel AMX and AMD AVX-512 BF16 kernels; BENCHMARKS.md, issue 15), CUDA with
+bf16 autocast when present.
 The tail's batch norms, frozen, run folded into its convolutions (backbone_split.conv_bn).
 
 Recipe (chosen on the flowers' validation split; BENCHMARKS.md): AdamW, the tail at half the
 head's learning rate, linear warm-up then cosine decay, label smoothing, manifold mixup of the
 cached activations, dropout before the head, batch norm statistics frozen (small batches),
 stochastic depth as in the backbone, one random cached view per training image per epoch (6
-distorted views and the centre one), 8 epochs (BENCHMARKS.md, issue 15: what each lever of one
-training step costs on 2 cores, and the faster recipes tried). The epoch with the best calibrated validation cross
+distorted views and the centre one), those views at 160/224 of the backbone's side (Lite0: 160
+px, scored at 224 px: the distorted views zoom in, so objects keep their size, and an epoch
+costs about 0.65x), 8 epochs (BENCHMARKS.md, issue 15: what each lever of one training step
+costs on 2 cores, and the faster recipes tried). The epoch with the best calibrated validation cross
 entropy is kept; in the second half of the schedule training stops after PATIENCE epochs
 without improvement. A checkpoint (torch.save of tensors only) is written after each epoch;
 `--resume` continues an interrupted fine-tune from it (loaded with weights_only=True).
@@ -67,11 +70,16 @@ DROPOUT = 0.2  # on the pooled features, before the head (as EfficientNet-Lite w
 # zoom in (a box of 0.64-0.83 of the centre crop), so at a smaller side the objects are the size
 # they are at test time ("FixRes", Touvron et al. 2019), and every epoch costs less.
 TRAIN_SIDE_RATIO = 160 / 224
+# The last epochs train on the training photos' centre views at the scoring side instead (with a
+# smaller TRAIN_SIDE_RATIO only): the tail then ends on the resolution it is scored at (FixRes).
+FULL_SIDE_EPOCHS = 0
 
 
 def train_side(bb) -> int:
     """The side of the fine-tune's training views: TRAIN_SIDE_RATIO of bb's, a multiple of 16."""
-    return bb.image_size if TRAIN_SIDE_RATIO == 1.0 else max(32, int(TRAIN_SIDE_RATIO * bb.image_size / 16 + 0.5) * 16)
+    if TRAIN_SIDE_RATIO == 1.0:
+        return bb.image_size
+    return max(32, int(TRAIN_SIDE_RATIO * bb.image_size / 16 + 0.5) * 16)
 
 
 def pick_device(provider: str = "auto") -> str:
@@ -96,7 +104,8 @@ class FineTuneResult:
 
 def _signature(cfg, start, k, n_train, views, distortions, side) -> str:
     d = {"schema": CHECKPOINT_SCHEMA, "architecture": cfg.architecture, "start": start, "k": k,
-         "n_train": n_train, "views": views, "train_side": side, "distortions": distortions.tag() if distortions else "",
+         "n_train": n_train, "views": views, "train_side": side,
+         "distortions": distortions.tag() if distortions else "",
          "epochs": cfg.epochs, "lr": cfg.learning_rate, "seed": cfg.seed,
          "class_weights": cfg.class_weights, "bf16": cfg.fine_tune_bf16, "image_dir": os.path.abspath(cfg.image_dir or "")}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -312,6 +321,7 @@ class ActivationData:
     yva: object  # torch (n_val,)
     shape: tuple  # (C, h, w) of validation
     pool_shape: tuple | None = None  # (C, h', w') of the pool's rows (at the training side); None: shape
+    centre_tr: np.ndarray | None = None  # (n_train, D) float16: their centre views at `shape`, if not the pool's
 
     def __post_init__(self):
         self.pool_shape = tuple(self.pool_shape or self.shape)
@@ -327,8 +337,9 @@ class ActivationData:
         # Which views could be read, photo by photo: no temporary the size of the pool.
         pool = acts.pool
         good = np.array([np.isfinite(views).all(axis=1) for views in pool]).reshape(pool.shape[:2])
+        centre_tr = acts.centre[tr] if tuple(acts.pool_shape) != tuple(acts.shape) else None
         return cls(pool, good, torch.from_numpy(y[tr]).to(device), Xva,
-                   torch.from_numpy(y[va]).to(device), tuple(acts.shape), tuple(acts.pool_shape))
+                   torch.from_numpy(y[va]).to(device), tuple(acts.shape), tuple(acts.pool_shape), centre_tr)
 
 
 @dataclasses.dataclass
@@ -391,6 +402,7 @@ def train_one_epoch(net: Trainable, data: ActivationData, opt, loss_fn, amp, sch
 
     net.tail.train()
     n = len(data.pool)
+    full_side = data.centre_tr is not None and epoch > sched.epochs - FULL_SIDE_EPOCHS
     order = rng.permutation(n)
     seen = loss_sum = 0.0
     for s in bar(range(sched.steps_per_epoch), desc=f"Epoch {epoch}/{sched.epochs}", unit="batch", quiet=quiet):
@@ -400,7 +412,11 @@ def train_one_epoch(net: Trainable, data: ActivationData, opt, loss_fn, amp, sch
         idx = order[s * BATCH:(s + 1) * BATCH]
         # One random cached view of each image (the centre view when its views failed).
         choice = np.array([rng.choice(np.nonzero(data.good[i])[0]) for i in idx])
-        xb = torch.from_numpy(data.pool[idx, choice].astype(np.float32).reshape(-1, *data.pool_shape)).to(
+        if full_side:
+            rows, shape = data.centre_tr[idx], data.shape  # the last epochs: at the scoring side
+        else:
+            rows, shape = data.pool[idx, choice], data.pool_shape
+        xb = torch.from_numpy(rows.astype(np.float32).reshape(-1, *shape)).to(
             net.device, memory_format=torch.channels_last)
         yb = data.ytr[idx]
         lam = float(rng.beta(MIXUP_ALPHA, MIXUP_ALPHA)) if MIXUP_ALPHA > 0 else 1.0

@@ -89,6 +89,8 @@ def test_fine_tune_one_epoch_exports_a_self_contained_model(tmp_path):
     assert ft["start_head"]["features"] == 1280  # it started from a head on lite0's features alone
     assert ft["epochs_run"] == 1 and ft["first_unfrozen_block"] == 15
     assert ft["views_per_image"] == 6  # cached distorted views even without distortion flags
+    assert ft["training_side"] == 160 and ft["side"] == 224  # smaller training views, scored at 224 px
+    assert "trained on views at 160 px (scored at 224 px)" in p.stderr
     assert ft["mixup_alpha"] > 0 and ft["dropout"] > 0  # the report records the recipe that made the model
     fl = ft["final_layer"]  # the fine-tuned head, or an L-BFGS one on the fine-tuned features if better
     assert fl["chosen"] in ("lbfgs", "fine-tuned") and fl["lbfgs"]["l2"] > 0
@@ -133,8 +135,8 @@ def test_interrupted_fine_tune_resumes(tmp_path):
 
 
 def test_fine_tuning_the_default_trains_its_first_network_on_the_head_only_bottlenecks(tmp_path):
-    """--fine-tune of the default (Lite0 + Lite1) keeps both networks, trains Lite0 at the side it
-    was trained at, and reads the same bottleneck cache as the head-only fit."""
+    """--fine-tune of the default (Lite0 + Lite1) keeps both networks, trains Lite0 (scored at the
+    side it was trained at), and reads the same bottleneck cache as the head-only fit."""
     from retrain.config import FitConfig
     from retrain.fit_data import plan_fit
 
@@ -145,6 +147,14 @@ def test_fine_tuning_the_default_trains_its_first_network_on_the_head_only_bottl
     assert tuned.backbone == head_only.backbone and tuned.precision == head_only.precision
     assert tuned.backbone.tuned_network.name == "efficientnet_lite0"
     assert tuned.backbone.tuned_network.image_size == 224 == tuned.backbone.image_size
+    # Its training views are smaller (160 px), its centre views (validation, features, the
+    # model) stay at 224 px; other networks' sides scale alike, to a multiple of 16.
+    from retrain.architectures import get_backbone
+    from retrain.finetune import train_side
+
+    assert train_side(tuned.backbone.tuned_network) == 160
+    assert [train_side(get_backbone(n).at_size(s)) for n, s in (("efficientnet_lite1", 240),
+                                                                ("efficientnet_lite2", 260))] == [176, 192]
 
 
 def test_fine_tune_flag_errors_are_one_line(tiny_dataset, tmp_path):
@@ -266,10 +276,11 @@ def test_prefix_activations_pool_holds_each_training_photos_centre_and_its_own_v
     engine160 = OnnxEngine(make_session(prefix_onnx(bb160, 14), provider="cpu"))
     j, i = 1, train[1]
     view = augment.load_view(items[i].path, items[i].digest, 1, d, 160, crop)
-    np.testing.assert_allclose(small.pool[j, 2], engine160(images.normalize(view[None], bb.mean, bb.std))[0].reshape(-1),
-                               atol=2e-2, rtol=1e-2)
-    np.testing.assert_allclose(small.pool[j, 0], engine160(images.normalize(
-        images.load(items[i].path, 160, crop)[None], bb.mean, bb.std))[0].reshape(-1), atol=2e-2, rtol=1e-2)
+    def prefix160(img):
+        return engine160(images.normalize(img[None], bb.mean, bb.std))[0].reshape(-1)
+
+    np.testing.assert_allclose(small.pool[j, 2], prefix160(view), atol=2e-2, rtol=1e-2)
+    np.testing.assert_allclose(small.pool[j, 0], prefix160(images.load(items[i].path, 160, crop)), atol=2e-2, rtol=1e-2)
 
 
 def test_recent_decodes_opens_each_photo_once_for_all_its_views(tmp_path):
