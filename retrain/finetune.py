@@ -72,7 +72,7 @@ DROPOUT = 0.2  # on the pooled features, before the head (as EfficientNet-Lite w
 TRAIN_SIDE_RATIO = 160 / 224
 # The last epochs train on the training photos' centre views at the scoring side instead (with a
 # smaller TRAIN_SIDE_RATIO only): the tail then ends on the resolution it is scored at (FixRes).
-FULL_SIDE_EPOCHS = 0
+FULL_SIDE_EPOCHS = 2
 
 
 def train_side(bb) -> int:
