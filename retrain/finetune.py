@@ -15,8 +15,9 @@ cached activations, dropout before the head, batch norm statistics frozen (small
 stochastic depth as in the backbone, one random cached view per training image per epoch (6
 distorted views and the centre one), those views at 160/224 of the backbone's side (Lite0: 160
 px, scored at 224 px: the distorted views zoom in, so objects keep their size, and an epoch
-costs about 0.65x), 8 epochs (BENCHMARKS.md, issue 15: what each lever of one training step
-costs on 2 cores, and the faster recipes tried). The epoch with the best calibrated validation cross
+costs about 0.6x), 8 epochs, of which the last 2 on the centre views at 224 px, the side the
+model is scored at ("FixRes"; BENCHMARKS.md, issue 15: what each lever of one training step
+costs on 2 cores, the faster recipes tried, and the training side, seventh pass). The epoch with the best calibrated validation cross
 entropy is kept; in the second half of the schedule training stops after PATIENCE epochs
 without improvement. A checkpoint (torch.save of tensors only) is written after each epoch;
 `--resume` continues an interrupted fine-tune from it (loaded with weights_only=True).
@@ -72,6 +73,8 @@ DROPOUT = 0.2  # on the pooled features, before the head (as EfficientNet-Lite w
 TRAIN_SIDE_RATIO = 160 / 224
 # The last epochs train on the training photos' centre views at the scoring side instead (with a
 # smaller TRAIN_SIDE_RATIO only): the tail then ends on the resolution it is scored at (FixRes).
+# Chosen on validation over 3 seeds (BENCHMARKS.md, issue 15, seventh pass): 160 px alone lost
+# 7% of the calibrated cross entropy, 160 px with the last 2 epochs at 224 px kept it.
 FULL_SIDE_EPOCHS = 2
 
 

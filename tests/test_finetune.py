@@ -329,3 +329,38 @@ def test_recent_decodes_opens_each_photo_once_for_all_its_views(tmp_path):
             recent.get(broken, lambda: decode(broken))
         reasons.add(str(e.value))
     assert len(reasons) == 1 and calls.count(broken) == 1
+
+
+def test_the_last_epochs_train_at_the_side_the_model_is_scored_at(tmp_path):
+    """Training views at a smaller side than the centre views: the epochs read the pool's small
+    maps, the last FULL_SIDE_EPOCHS the training photos' centre views at the scoring side, and
+    validation always scores at that side."""
+    import numpy as np
+    import torch
+
+    from retrain import finetune
+    from retrain.config import FitConfig
+    from retrain.finetune import ActivationData, Trainable, make_loop, train_epochs
+    from retrain.progress import Log
+
+    torch.manual_seed(0)
+    tail = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    seen = []  # (training?, side) of every batch the tail ran on
+    tail.register_forward_pre_hook(lambda m, args: seen.append((m.training, args[0].shape[-1])))
+    net = Trainable(tail, torch.nn.Identity(), torch.nn.Linear(8, 3), "cpu")
+    rng = np.random.default_rng(0)
+    n, small, full = 70, (4, 2, 2), (4, 3, 3)
+    data = ActivationData(rng.normal(size=(n, 3, 16)).astype(np.float16), np.ones((n, 3), bool),
+                          torch.from_numpy(rng.integers(0, 3, n)),
+                          torch.from_numpy(rng.normal(size=(5, *full)).astype(np.float32)),
+                          torch.from_numpy(rng.integers(0, 3, 5)), full, small,
+                          rng.normal(size=(n, 36)).astype(np.float16))
+    cfg = FitConfig(image_dir=str(tmp_path), epochs=4, quiet=True)
+    train_epochs(make_loop(cfg, net, data, "test", tmp_path / "checkpoint.pt", "cpu", Log.silent()))
+
+    steps = -(-n // finetune.BATCH)
+    training = [side for is_training, side in seen if is_training]
+    assert finetune.FULL_SIDE_EPOCHS == 2
+    assert training == [2] * (2 * steps) + [3] * (2 * steps)
+    assert {side for is_training, side in seen if not is_training} == {3}
