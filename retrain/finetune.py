@@ -141,7 +141,8 @@ def fine_tune(cfg, bb, items, y, parts, *, W0, b0, views=0, distortions=None, ca
     torch.set_num_threads(os.cpu_count() or 1)
     device = pick_device(cfg.provider)
     net, start, n_blocks = build_net(bb, cfg.unfreeze, W0, b0, device)
-    side = train_side(bb)
+    # Epochs only at the scoring side (--epochs FULL_SIDE_EPOCHS or fewer): no smaller pool.
+    side = train_side(bb) if cfg.epochs > FULL_SIDE_EPOCHS else bb.image_size
     at = "" if side == bb.image_size else f", trained on views at {side} px (scored at {bb.image_size} px)"
     log(f"Fine-tuning: blocks {start}-{n_blocks - 1} and the head unfrozen, on {device}{at}")
     acts = prefix_activations(

@@ -89,8 +89,8 @@ def test_fine_tune_one_epoch_exports_a_self_contained_model(tmp_path):
     assert ft["start_head"]["features"] == 1280  # it started from a head on lite0's features alone
     assert ft["epochs_run"] == 1 and ft["first_unfrozen_block"] == 15
     assert ft["views_per_image"] == 6  # cached distorted views even without distortion flags
-    assert ft["training_side"] == 160 and ft["side"] == 224  # smaller training views, scored at 224 px
-    assert "trained on views at 160 px (scored at 224 px)" in p.stderr
+    # One epoch is one of the last FULL_SIDE_EPOCHS: at the scoring side, no 160 px views computed.
+    assert ft["training_side"] == 224 == ft["side"] and "trained on views at" not in p.stderr
     assert ft["mixup_alpha"] > 0 and ft["dropout"] > 0  # the report records the recipe that made the model
     fl = ft["final_layer"]  # the fine-tuned head, or an L-BFGS one on the fine-tuned features if better
     assert fl["chosen"] in ("lbfgs", "fine-tuned") and fl["lbfgs"]["l2"] > 0
@@ -126,7 +126,9 @@ def test_interrupted_fine_tune_resumes(tmp_path):
     assert not (out / "model.onnx").exists()
     p = run_cli("fit", data, "-o", out, "--fine-tune", "--epochs", "30", "--unfreeze", "2", "--resume")
     assert "resumed after epoch" in p.stderr
+    assert "trained on views at 160 px (scored at 224 px)" in p.stderr  # the first 28 epochs
     rep = json.loads((out / "report.json").read_text())
+    assert rep["train"]["fine_tune"]["training_side"] == 160
     assert rep["train"]["fine_tune"]["epochs_run"] >= 2
     assert not ckpt.exists()
     # A checkpoint made with other settings is refused in one line.
