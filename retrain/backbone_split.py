@@ -221,8 +221,9 @@ def prefix_activations(items, bb, start: int, cache_dir, *, views: int = 0, dist
         centre[view_items] = pool[:, 0]
         centre[others] = feats[m:]
         return PrefixActivations(centre, pool, shape, shape, timing)
-    # The same field of view (the centre crop's fraction), at fewer pixels.
-    small = dataclasses.replace(bb, image_size=int(train_side), crop=bb.crop_fraction)
+    # The same field of view at fewer pixels: the centre crop's fraction kept (at_size alone
+    # would change it with the side).
+    small = dataclasses.replace(bb.at_size(int(train_side)), crop=bb.crop_fraction)
     jobs = [(int(i), v) for i in view_items for v in range(-1, views)]
     feats, pool_shape, t_pool = _prefix_pass(items, small, start, cache_dir, jobs,
                                              desc=f"Frozen-part activations at {train_side} px", **run)

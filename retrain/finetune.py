@@ -17,9 +17,9 @@ distorted views and the centre one), those views at 160/224 of the backbone's si
 px, scored at 224 px: the distorted views zoom in, so objects keep their size, and an epoch
 costs about 0.6x), 8 epochs, of which the last 2 on the centre views at 224 px, the side the
 model is scored at ("FixRes"; BENCHMARKS.md, issue 15: what each lever of one training step
-costs on 2 cores, the faster recipes tried, and the training side, seventh pass). The epoch with the best calibrated validation cross
-entropy is kept; in the second half of the schedule training stops after PATIENCE epochs
-without improvement. A checkpoint (torch.save of tensors only) is written after each epoch;
+costs on 2 cores, the faster recipes tried, and the training side, seventh pass). The epoch
+with the best calibrated validation cross entropy is kept; in the second half of the schedule
+training stops after PATIENCE epochs without improvement. A checkpoint (torch.save of tensors only) is written after each epoch;
 `--resume` continues an interrupted fine-tune from it (loaded with weights_only=True).
 It trains one network: of the default Lite0 + Lite1, Lite0 (Backbone.tuned_network), Lite1
 staying frozen beside it. After it, fit keeps this head or an L-BFGS one on the fine-tuned
@@ -82,7 +82,7 @@ def train_side(bb) -> int:
     """The side of the fine-tune's training views: TRAIN_SIDE_RATIO of bb's, a multiple of 16."""
     if TRAIN_SIDE_RATIO == 1.0:
         return bb.image_size
-    return max(32, int(TRAIN_SIDE_RATIO * bb.image_size / 16 + 0.5) * 16)
+    return int(TRAIN_SIDE_RATIO * bb.image_size / 16 + 0.5) * 16
 
 
 def pick_device(provider: str = "auto") -> str:
