@@ -32,9 +32,10 @@ def choose_precision(asked: str, *, provider: str = "auto") -> str:
     head and the features of the networks kept frozen, while the part it trains runs on fp32
     activations of its own. int8 is never chosen automatically: its calibration photos are
     flowers, and photos of another kind should not pay for that.
-    bf16 asked for where it cannot run is an error that says why.
+    bf16 or int8 asked for where it cannot run is an error that says why.
     """
-    from retrain.runtime import PROVIDERS, available_providers, cpu_has_bf16, gpu_visible, openvino_available
+    from retrain.runtime import (PROVIDERS, available_providers, cpu_has_bf16, cpu_lacks_int8_dot, gpu_visible,
+                                 openvino_available)
 
     gpu = provider in ("cuda", "tensorrt") or (
         provider == "auto" and gpu_visible() and PROVIDERS["cuda"] in available_providers())
@@ -52,6 +53,10 @@ def choose_precision(asked: str, *, provider: str = "auto") -> str:
         if not openvino_available():
             raise MissingDependency("--bottleneck-precision bf16 runs on OpenVINO, which is not installed: "
                                     "pip install openvino, or use fp32")
+    if asked == "int8" and not gpu and cpu_lacks_int8_dot():
+        raise ConfigError("--bottleneck-precision int8 needs a CPU with int8 dot-product units (VNNI or AMX), "
+                          "which this one lacks: its int8 kernels overflow and the features stray from fp32; "
+                          "use fp32 (or auto)")
     return asked
 
 

@@ -15,7 +15,7 @@ from retrain.bottlenecks import choose_precision, extract, feature_session
 from retrain.cache import BottleneckCache
 from retrain.config import DEFAULT_ARCHITECTURE
 from retrain.errors import ConfigError
-from retrain.runtime import cpu_has_bf16, openvino_available
+from retrain.runtime import cpu_has_bf16, cpu_lacks_int8_dot, openvino_available
 from retrain.scan import scan
 
 BB = get_backbone("efficientnet_lite0")
@@ -124,6 +124,7 @@ def test_kill_9_during_bottlenecks_then_resume(tmp_path):
     assert (tmp_path / "run" / "model.onnx").is_file()
 
 
+@pytest.mark.skipif(cpu_lacks_int8_dot(), reason="int8 bottlenecks need a CPU with VNNI or AMX")
 def test_int8_bottlenecks_have_their_own_cache_and_agree_with_fp32(tiny_dataset, tmp_path):
     s = scan(tiny_dataset, quiet=True)
     f32, _, _ = extract(s.items, BB, BottleneckCache(tmp_path / "c", BB), quiet=True)
@@ -157,15 +158,21 @@ def test_bf16_bottlenecks_run_on_openvino_and_agree_with_fp32(tmp_path):
 def test_auto_precision_is_bf16_only_where_it_runs_and_never_for_fine_tuning(monkeypatch):
     assert choose_precision("auto") == ("bf16" if BF16 else "fp32")
     assert choose_precision("auto", provider="cuda") == "fp32"
-    assert choose_precision("int8") == "int8"
     with pytest.raises(ConfigError, match="runs on the CPU"):
         choose_precision("bf16", provider="tensorrt")
     import retrain.runtime
 
-    monkeypatch.setattr(retrain.runtime, "cpu_flags", lambda: {"avx2"})  # an older CPU
+    monkeypatch.setattr(retrain.runtime, "cpu_flags", lambda: {"sse4_2", "avx2", "avx512_vnni"})  # a Cascade Lake
+    assert choose_precision("auto") == "fp32" and choose_precision("int8") == "int8"
+    monkeypatch.setattr(retrain.runtime, "cpu_flags", lambda: {"sse4_2", "avx2"})  # an older CPU, or an AVX2 EPYC
     assert choose_precision("auto") == "fp32"
     with pytest.raises(ConfigError, match="needs a CPU with bf16 units"):
         choose_precision("bf16")
+    with pytest.raises(ConfigError, match="int8 needs a CPU with int8 dot-product units"):
+        choose_precision("int8")
+    assert choose_precision("int8", provider="cuda") == "int8"
+    monkeypatch.setattr(retrain.runtime, "cpu_flags", lambda: set())  # not x86 (ARM dot products do not overflow)
+    assert choose_precision("int8") == "int8"
 
 
 @pytest.mark.skipif(not openvino_available(), reason="OpenVINO is not installed")

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from conftest import make_dataset, make_image, run_cli
-from retrain.runtime import cpu_has_bf16, openvino_available
+from retrain.runtime import cpu_has_bf16, cpu_lacks_int8_dot, openvino_available
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +180,11 @@ def _fit_with_precision(e2e, out, precision):
 @pytest.mark.slow
 def test_int8_bottlenecks_from_the_cli(e2e, tmp_path):
     _, data, _, run, _ = e2e
+    if cpu_lacks_int8_dot():  # the one-line refusal instead
+        _fails("fit", data, "-o", tmp_path / "refused", "--bottleneck-precision", "int8",
+               match="needs a CPU with int8 dot-product units")
+        assert not (tmp_path / "refused").exists()
+        pytest.skip("int8 bottlenecks need a CPU with VNNI or AMX")
     meta = _fit_with_precision(e2e, tmp_path / "r8", "int8")
     assert meta["backbone_precision"] == "int8"
     assert (tmp_path / "r8" / "model.onnx").stat().st_size < (run / "model.onnx").stat().st_size / 2
