@@ -49,7 +49,7 @@ def choose_precision(asked: str, *, provider: str = "auto") -> str:
                               f"{provider}; use fp32 there")
         if not cpu_has_bf16():
             raise ConfigError("--bottleneck-precision bf16 needs a CPU with bf16 units (AMX or AVX-512 BF16), "
-                              "which this one lacks; use fp32 or int8")
+                              f"which this one lacks; use fp32{'' if cpu_lacks_int8_dot() else ' or int8'}")
         if not openvino_available():
             raise MissingDependency("--bottleneck-precision bf16 runs on OpenVINO, which is not installed: "
                                     "pip install openvino, or use fp32")

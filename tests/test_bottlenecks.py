@@ -164,9 +164,11 @@ def test_auto_precision_is_bf16_only_where_it_runs_and_never_for_fine_tuning(mon
 
     monkeypatch.setattr(retrain.runtime, "cpu_flags", lambda: {"sse4_2", "avx2", "avx512_vnni"})  # a Cascade Lake
     assert choose_precision("auto") == "fp32" and choose_precision("int8") == "int8"
+    with pytest.raises(ConfigError, match="needs a CPU with bf16 units .*; use fp32 or int8$"):
+        choose_precision("bf16")
     monkeypatch.setattr(retrain.runtime, "cpu_flags", lambda: {"sse4_2", "avx2"})  # an older CPU, or an AVX2 EPYC
     assert choose_precision("auto") == "fp32"
-    with pytest.raises(ConfigError, match="needs a CPU with bf16 units"):
+    with pytest.raises(ConfigError, match="needs a CPU with bf16 units .*; use fp32$"):  # not int8 either
         choose_precision("bf16")
     with pytest.raises(ConfigError, match="int8 needs a CPU with int8 dot-product units"):
         choose_precision("int8")
