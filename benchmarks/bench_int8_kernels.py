@@ -15,7 +15,6 @@ cosine of 0.98 or more.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -25,10 +24,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
-
-
-def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)).mean())
 
 
 def per_image_ms(session, x: np.ndarray, rounds: int = 3) -> float:
@@ -47,26 +42,14 @@ def main() -> int:
     args = ap.parse_args()
 
     import onnxruntime as ort
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from retrain import images
-    from retrain.architectures import calibration_files, get_backbone
-    from retrain.features import features_onnx
+    from retrain.architectures import get_backbone
+    from retrain.features import calibration_inputs, features_onnx, mean_cosine, quantize_graph_int8
     from retrain.runtime import cpu_flags, cpu_lacks_int8_dot
 
     bb = get_backbone(args.architecture)
     fp32 = features_onnx(bb)
-    x = images.normalize(np.stack([images.load(str(p), bb.image_size, bb.crop_fraction)
-                                   for p in calibration_files()]), bb.mean, bb.std)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter([{"input": x[i:i + 8]} for i in range(0, len(x), 8)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
+    x = calibration_inputs(bb)
     cpu = "CPUExecutionProvider"
     ref_session = ort.InferenceSession(str(fp32), providers=[cpu])
     ref = ref_session.run(None, {"input": x})[0]
@@ -78,22 +61,13 @@ def main() -> int:
     print("| weights | mean cosine vs fp32 | time per photo vs fp32 |\n|---|---:|---:|")
     print(f"| fp32 | 1.0000 | 1.00x ({fp32_ms:.1f} ms) |")
     with tempfile.TemporaryDirectory() as tmp:
-        pre = os.path.join(tmp, "pre.onnx")
-        quant_pre_process(str(fp32), pre)
-        cwd = os.getcwd()
-        os.chdir(tmp)  # the quantizer leaves scratch files in the working folder
-        try:
-            for bits in (8, 7):
-                q = os.path.join(tmp, f"int8-{bits}.onnx")
-                quantize_static(pre, q, Reader(), quant_format=QuantFormat.QOperator, per_channel=True,
-                                reduce_range=bits == 7, activation_type=QuantType.QUInt8,
-                                weight_type=QuantType.QInt8)
-                s = ort.InferenceSession(q, providers=[cpu])
-                cos = mean_cosine(ref, s.run(None, {"input": x})[0])
-                ms = per_image_ms(s, x)
-                print(f"| int8, {bits}-bit weights | {cos:.4f} | {ms / fp32_ms:.2f}x ({ms:.1f} ms) |", flush=True)
-        finally:
-            os.chdir(cwd)
+        for bits in (8, 7):
+            q = Path(tmp) / f"int8-{bits}.onnx"
+            quantize_graph_int8(fp32, q, x, reduce_range=bits == 7)
+            s = ort.InferenceSession(str(q), providers=[cpu])
+            cos = mean_cosine(ref, s.run(None, {"input": x})[0])
+            ms = per_image_ms(s, x)
+            print(f"| int8, {bits}-bit weights | {cos:.4f} | {ms / fp32_ms:.2f}x ({ms:.1f} ms) |", flush=True)
     return 0
 
 
