@@ -189,50 +189,59 @@ class PrefixActivations:
     """What prefix_activations returns: the activations at the split point, as float16 rows."""
 
     centre: np.ndarray  # (n, D): every item's centre view at the backbone's side
-    pool: np.ndarray  # (len(view_items), 1 + V, D'): each training item's centre view, then its views
+    pool: np.ndarray  # (m, D'): the computed views of the training items, one row each
+    rows: np.ndarray  # (len(view_items), 1 + V) int32: the pool row of (item, slot), slot 0 its centre
+    #                   view and 1..V its distorted views; -1 where that view was not asked for
     shape: tuple  # (C, h, w) of a centre row
     pool_shape: tuple  # (C, h', w') of a pool row: smaller than `shape` when trained at a smaller side
     timing: dict
 
 
 def prefix_activations(items, bb, start: int, cache_dir, *, views: int = 0, distortions=None,
-                       view_items=None, train_side: int | None = None, provider: str = "auto",
+                       view_items=None, slots=None, train_side: int | None = None, provider: str = "auto",
                        batch_size: int = 32, workers=None, quiet=False, log=None) -> PrefixActivations:
     """Prefix activations of each item's centre view and of the views of `view_items`.
 
     view_items: indices of the items that get distorted views (the training images).
+    slots: (len(view_items), 1 + views) bool, the views to compute (slot 0 the centre view, always
+    computed, 1..views the distorted ones): those that training will draw (retrain.finetune's
+    view_draws); None: all of them.
     train_side: the side of the pool's views (the training ones), when not the backbone's own:
     then the pool is a second pass at that side, through a prefix exported at it, and the
     centre views (validation, features, export) stay at the backbone's side.
-    The pool is filled in place from the cache (it is most of the memory: 0.5 GB for the flowers).
+    The pool is filled in place from the cache (it is most of the memory: 0.3 GB for the flowers).
     Stored in BottleneckCaches of their own (folders named after the split point and the side).
     """
     view_items = np.arange(len(items)) if view_items is None else np.asarray(view_items, int)
+    slots = (np.ones((len(view_items), 1 + views), bool) if slots is None else np.array(slots, bool))
+    if slots.shape != (len(view_items), 1 + views):
+        raise ValueError(f"slots has shape {slots.shape}, expected {(len(view_items), 1 + views)}")
+    slots[:, 0] = True  # the centre view: the fallback of a view that cannot be read
+    pairs = np.argwhere(slots)  # row-major: each item's centre view, then its views, item by item
+    rows = np.full(slots.shape, -1, np.int32)
+    rows[pairs[:, 0], pairs[:, 1]] = np.arange(len(pairs))
+    jobs = [(int(view_items[j]), int(s) - 1) for j, s in pairs]
     run = dict(distortions=distortions, provider=provider, batch_size=batch_size, workers=workers,
                quiet=quiet, log=log)
     if not train_side or train_side == bb.image_size:
         others = np.setdiff1d(np.arange(len(items)), view_items)
-        # The pool's rows first (each view item's centre, then its views), then the other centres.
-        jobs = [(int(i), v) for i in view_items for v in range(-1, views)] + [(int(i), -1) for i in others]
-        feats, shape, timing = _prefix_pass(items, bb, start, cache_dir, jobs, **run)
-        m = len(view_items) * (1 + views)
-        pool = feats[:m].reshape(len(view_items), 1 + views, -1)
-        centre = np.empty((len(items), pool.shape[2]), np.float16)
-        centre[view_items] = pool[:, 0]
-        centre[others] = feats[m:]
-        return PrefixActivations(centre, pool, shape, shape, timing)
+        # The pool's rows first, then the other items' centre views.
+        feats, shape, timing = _prefix_pass(items, bb, start, cache_dir, jobs + [(int(i), -1) for i in others], **run)
+        pool = feats[:len(jobs)]
+        centre = np.empty((len(items), pool.shape[1]), np.float16)
+        centre[view_items] = pool[rows[:, 0]]
+        centre[others] = feats[len(jobs):]
+        return PrefixActivations(centre, pool, rows, shape, shape, timing)
     # The same field of view at fewer pixels: the centre crop's fraction kept (at_size alone
     # would change it with the side).
     small = dataclasses.replace(bb.at_size(int(train_side)), crop=bb.crop_fraction)
-    jobs = [(int(i), v) for i in view_items for v in range(-1, views)]
-    feats, pool_shape, t_pool = _prefix_pass(items, small, start, cache_dir, jobs,
-                                             desc=f"Frozen-part activations at {train_side} px", **run)
-    pool = feats.reshape(len(view_items), 1 + views, -1)
+    pool, pool_shape, t_pool = _prefix_pass(items, small, start, cache_dir, jobs,
+                                            desc=f"Frozen-part activations at {train_side} px", **run)
     centre, shape, t_centre = _prefix_pass(items, bb, start, cache_dir, [(i, -1) for i in range(len(items))],
                                            desc=f"Frozen-part activations at {bb.image_size} px", **run)
     timing = {k: round(t_pool.get(k, 0) + t_centre.get(k, 0), 3)
               for k in ("computed", "cached", "seconds", "decode_wait_s", "compute_s")}
-    return PrefixActivations(centre, pool, shape, pool_shape, {**timing, "training_side": int(train_side)})
+    return PrefixActivations(centre, pool, rows, shape, pool_shape, {**timing, "training_side": int(train_side)})
 
 
 def _prefix_pass(items, bb, start, cache_dir, jobs, *, distortions, provider, batch_size, workers, quiet,

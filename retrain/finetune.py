@@ -13,7 +13,8 @@ Recipe (chosen on the flowers' validation split; BENCHMARKS.md): AdamW, the tail
 head's learning rate, linear warm-up then cosine decay, label smoothing, manifold mixup of the
 cached activations, dropout before the head, batch norm statistics frozen (small batches),
 stochastic depth as in the backbone, one random cached view per training image per epoch (6
-distorted views and the centre one), those views at 160/224 of the backbone's side (Lite0: 160
+distorted views and the centre one, drawn up front from the seed, so that only the views drawn
+are computed: about 4.6 of the 7 a photo has over 6 epochs; view_draws), those views at 160/224 of the backbone's side (Lite0: 160
 px, scored at 224 px: the distorted views zoom in, so objects keep their size, and an epoch
 costs about 0.6x), 8 epochs, of which the last 2 on the centre views at 224 px, the side the
 model is scored at ("FixRes"; BENCHMARKS.md, issue 15: what each lever of one training step
@@ -85,6 +86,26 @@ def train_side(bb) -> int:
     return int(TRAIN_SIDE_RATIO * bb.image_size / 16 + 0.5) * 16
 
 
+def view_draws(seed: int, n_train: int, views: int, epochs: int) -> np.ndarray:
+    """Which cached view each training photo trains on in each epoch: (epochs, n_train) slots, 0
+    its centre view and 1..views its distorted ones, uniform with replacement. Drawn from the seed
+    alone, before any activation is computed, so that only the drawn views are (prefix_activations'
+    slots); a stream of its own, apart from the order and mixing of the batches."""
+    rng = np.random.default_rng([seed, 0x76696577])  # "view"
+    return rng.integers(0, views + 1, size=(epochs, n_train)).astype(np.int16)
+
+
+def drawn_slots(draws: np.ndarray, epochs: int, views: int) -> np.ndarray:
+    """(n_train, 1 + views) bool: the views that the first `epochs` rows of `draws` train on, and
+    every centre view."""
+    n = draws.shape[1]
+    slots = np.zeros((n, 1 + views), bool)
+    slots[:, 0] = True
+    for e in range(min(epochs, len(draws))):
+        slots[np.arange(n), draws[e]] = True
+    return slots
+
+
 def pick_device(provider: str = "auto") -> str:
     torch = _torch()
     if provider in ("auto", "cuda", "tensorrt") and torch.cuda.is_available():
@@ -145,15 +166,18 @@ def fine_tune(cfg, bb, items, y, parts, *, W0, b0, views=0, distortions=None, ca
     side = train_side(bb) if cfg.epochs > FULL_SIDE_EPOCHS else bb.image_size
     at = "" if side == bb.image_size else f", trained on views at {side} px (scored at {bb.image_size} px)"
     log(f"Fine-tuning: blocks {start}-{n_blocks - 1} and the head unfrozen, on {device}{at}")
+    # The epochs on the pool: all of them, or those before the last FULL_SIDE_EPOCHS at the scoring side.
+    pool_epochs = cfg.epochs - FULL_SIDE_EPOCHS if side != bb.image_size else cfg.epochs
+    draws = view_draws(cfg.seed, len(parts["train"]), views, cfg.epochs)
     acts = prefix_activations(
         items, bb, start, cache_dir, views=views, distortions=distortions, view_items=parts["train"],
-        train_side=side, provider=cfg.provider, batch_size=cfg.batch_size, workers=cfg.workers or None,
-        quiet=cfg.quiet, log=log)
+        slots=drawn_slots(draws, pool_epochs, views), train_side=side, provider=cfg.provider,
+        batch_size=cfg.batch_size, workers=cfg.workers or None, quiet=cfg.quiet, log=log)
     t_act = acts.timing
     if t_act.get("computed"):
         log(f"Frozen-part activations: {t_act['computed']} computed in {t_act.get('seconds', 0):.1f} s, "
             f"{t_act['cached']} from cache")
-    data = ActivationData.build(acts, y, parts, device)
+    data = ActivationData.build(acts, draws, y, parts, device)
     k = int(W0.shape[1])
     sig = _signature(cfg, start, k, len(parts["train"]), views, distortions, side)
     loop = make_loop(cfg, net, data, sig, checkpoint, device, log)
@@ -172,7 +196,7 @@ def fine_tune(cfg, bb, items, y, parts, *, W0, b0, views=0, distortions=None, ca
             "tail_learning_rate": loop.head_lr * TAIL_LR_FACTOR, "weight_decay": WEIGHT_DECAY,
             "label_smoothing": LABEL_SMOOTHING, "mixup_alpha": MIXUP_ALPHA, "dropout": DROPOUT,
             "batch_size": BATCH, "patience": PATIENCE,
-            "activations": t_act, "views_per_image": views,
+            "activations": t_act, "views_per_image": views, "views_computed": int(len(acts.pool)),
             "training_side": side, "side": bb.image_size}
     return FineTuneResult({n: t.cpu() for n, t in best["tail"].items()}, W, b, feats, start, history, info)
 
@@ -206,7 +230,7 @@ def make_loop(cfg, net, data, sig: str, checkpoint: Path, device: str, log, *, r
     use_bf16 = device == "cpu" and cfg.fine_tune_bf16 and _cpu_has_bf16()
     opt, head_lr = make_optimizer(net, cfg)
     loss_fn = make_loss(cfg, data.ytr.cpu().numpy(), int(net.head.out_features), device)
-    sched = Schedule.of(cfg.epochs, len(data.pool))
+    sched = Schedule.of(cfg.epochs, len(data.rows))
     return Loop(cfg, net, data, opt, loss_fn, autocast(device, use_bf16), sched, sig, Path(checkpoint), device,
                 log, use_bf16, head_lr, rank, world)
 
@@ -318,8 +342,10 @@ def batch_share(m: int, rank: int, world: int):
 class ActivationData:
     """Cached activations at the split point, as training and validation read them."""
 
-    pool: np.ndarray  # (n_train, 1 + V, D') float16: the centre view and the distorted ones
-    good: np.ndarray  # (n_train, 1 + V) bool: views that could be read
+    pool: np.ndarray  # (m, D') float16: the training photos' computed views, one row each
+    rows: np.ndarray  # (n_train, 1 + V) int32: the pool row of a photo's centre view (slot 0) and
+    #                   of its distorted views (1..V); -1 where not computed or unreadable
+    draws: np.ndarray  # (epochs, n_train): the slot each photo trains on in each epoch (view_draws)
     ytr: object  # torch (n_train,)
     Xva: object  # torch (n_val, C, h, w), channels last
     yva: object  # torch (n_val,)
@@ -331,19 +357,32 @@ class ActivationData:
         self.pool_shape = tuple(self.pool_shape or self.shape)
 
     @classmethod
-    def build(cls, acts, y, parts, device) -> "ActivationData":
-        """acts: the backbone_split.PrefixActivations of every photo; its pool (the training
-        photos' views) used as it is."""
+    def build(cls, acts, draws, y, parts, device) -> "ActivationData":
+        """acts: the backbone_split.PrefixActivations of every photo, its pool (the training
+        photos' views) used as it is; draws: view_draws'."""
         torch = _torch()
         tr, va = parts["train"], parts["validation"]
         Xva = torch.from_numpy(acts.centre[va].astype(np.float32).reshape(-1, *acts.shape)).to(
             device, memory_format=torch.channels_last)
-        # Which views could be read, photo by photo: no temporary the size of the pool.
-        pool = acts.pool
-        good = np.array([np.isfinite(views).all(axis=1) for views in pool]).reshape(pool.shape[:2])
+        # The views that could not be read (NaN rows), a few rows at a time: no temporary the size of the pool.
+        pool, rows = acts.pool, acts.rows.copy()
+        unread = np.concatenate([~np.isfinite(pool[s:s + 1024]).all(axis=1) for s in range(0, len(pool), 1024)]
+                                or [np.zeros(0, bool)])
+        rows[(rows >= 0) & unread[np.maximum(rows, 0)]] = -1
         centre_tr = acts.centre[tr] if tuple(acts.pool_shape) != tuple(acts.shape) else None
-        return cls(pool, good, torch.from_numpy(y[tr]).to(device), Xva,
+        return cls(pool, rows, draws, torch.from_numpy(y[tr]).to(device), Xva,
                    torch.from_numpy(y[va]).to(device), tuple(acts.shape), tuple(acts.pool_shape), centre_tr)
+
+    def view_rows(self, idx: np.ndarray, epoch: int) -> np.ndarray:
+        """The pool rows that photos `idx` train on in `epoch` (1-based): the drawn view, or the
+        first view of the photo that could be read where that one could not (its centre view)."""
+        rows = self.rows[idx, self.draws[epoch - 1, idx]]
+        for j in np.nonzero(rows < 0)[0]:
+            readable = self.rows[idx[j]][self.rows[idx[j]] >= 0]
+            if not len(readable):
+                raise ConfigError("a training photo has no view whose frozen-part activations could be computed")
+            rows[j] = readable[0]
+        return rows
 
 
 @dataclasses.dataclass
@@ -405,7 +444,7 @@ def train_one_epoch(net: Trainable, data: ActivationData, opt, loss_fn, amp, sch
     from retrain.progress import bar
 
     net.tail.train()
-    n = len(data.pool)
+    n = len(data.rows)
     full_side = data.centre_tr is not None and epoch > sched.epochs - FULL_SIDE_EPOCHS
     order = rng.permutation(n)
     seen = loss_sum = 0.0
@@ -414,12 +453,10 @@ def train_one_epoch(net: Trainable, data: ActivationData, opt, loss_fn, amp, sch
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * lr_at(step, sched.total, sched.warmup)
         idx = order[s * BATCH:(s + 1) * BATCH]
-        # One random cached view of each image (the centre view when its views failed).
-        choice = np.array([rng.choice(np.nonzero(data.good[i])[0]) for i in idx])
         if full_side:
             rows, shape = data.centre_tr[idx], data.shape  # the last epochs: at the scoring side
-        else:
-            rows, shape = data.pool[idx, choice], data.pool_shape
+        else:  # each photo's view drawn for this epoch (view_draws)
+            rows, shape = data.pool[data.view_rows(idx, epoch)], data.pool_shape
         xb = torch.from_numpy(rows.astype(np.float32).reshape(-1, *shape)).to(
             net.device, memory_format=torch.channels_last)
         yb = data.ytr[idx]

@@ -242,8 +242,9 @@ def test_prefix_activations_pool_holds_each_training_photos_centre_and_its_own_v
     kw = dict(views=2, distortions=d, view_items=train, provider="cpu", quiet=True)
     acts = prefix_activations(items, bb, 14, tmp_path / "cache", **kw)
     centre, pool, shape, t = acts.centre, acts.pool, acts.shape, acts.timing
-    assert t["computed"] == len(items) + 2 * len(train) and pool.shape == (3, 3, int(np.prod(shape)))
-    assert centre.shape == (len(items), pool.shape[2]) and np.isfinite(centre).all()
+    assert t["computed"] == len(items) + 2 * len(train) and pool.shape == (3 * 3, int(np.prod(shape)))
+    np.testing.assert_array_equal(acts.rows, np.arange(9).reshape(3, 3))  # photo by photo, centre first
+    assert centre.shape == (len(items), pool.shape[1]) and np.isfinite(centre).all()
     assert acts.pool_shape == shape
 
     engine = OnnxEngine(make_session(prefix_onnx(bb, 14), provider="cpu"))
@@ -252,13 +253,14 @@ def test_prefix_activations_pool_holds_each_training_photos_centre_and_its_own_v
     def prefix(img):
         return engine(images.normalize(img[None], bb.mean, bb.std))[0].reshape(-1)
 
+    at = acts.rows
     for j, i in enumerate(train):
-        np.testing.assert_array_equal(pool[j, 0], centre[i])
-        np.testing.assert_allclose(pool[j, 0], prefix(images.load(items[i].path, size, crop)), atol=2e-2, rtol=1e-2)
+        np.testing.assert_array_equal(pool[at[j, 0]], centre[i])
+        np.testing.assert_allclose(pool[at[j, 0]], prefix(images.load(items[i].path, size, crop)), atol=2e-2, rtol=1e-2)
         for v in range(2):
             view = augment.load_view(items[i].path, items[i].digest, v, d, size, crop)
-            np.testing.assert_allclose(pool[j, 1 + v], prefix(view), atol=2e-2, rtol=1e-2)
-    assert not np.array_equal(pool[0, 1], pool[0, 2])  # two different views
+            np.testing.assert_allclose(pool[at[j, 1 + v]], prefix(view), atol=2e-2, rtol=1e-2)
+    assert not np.array_equal(pool[at[0, 1]], pool[at[0, 2]])  # two different views
     other = next(i for i in range(len(items)) if i not in train)
     np.testing.assert_allclose(centre[other], prefix(images.load(items[other].path, size, crop)), atol=2e-2, rtol=1e-2)
 
@@ -271,7 +273,7 @@ def test_prefix_activations_pool_holds_each_training_photos_centre_and_its_own_v
     # side (its own cache), the centre views stay at the backbone's side (the same numbers).
     small = prefix_activations(items, bb, 14, tmp_path / "cache", train_side=160, **kw)
     assert small.shape == shape and small.pool_shape == (shape[0], 5, 5)  # 288 px -> 9x9, 160 px -> 5x5
-    assert small.pool.shape == (3, 3, int(np.prod(small.pool_shape)))
+    assert small.pool.shape == (3 * 3, int(np.prod(small.pool_shape)))
     assert small.timing["computed"] == 3 * len(train) and small.timing["training_side"] == 160
     np.testing.assert_array_equal(small.centre, centre)
     bb160 = dataclasses.replace(bb, image_size=160, crop=crop)  # the same field of view
@@ -281,8 +283,19 @@ def test_prefix_activations_pool_holds_each_training_photos_centre_and_its_own_v
     def prefix160(img):
         return engine160(images.normalize(img[None], bb.mean, bb.std))[0].reshape(-1)
 
-    np.testing.assert_allclose(small.pool[j, 2], prefix160(view), atol=2e-2, rtol=1e-2)
-    np.testing.assert_allclose(small.pool[j, 0], prefix160(images.load(items[i].path, 160, crop)), atol=2e-2, rtol=1e-2)
+    np.testing.assert_allclose(small.pool[small.rows[j, 2]], prefix160(view), atol=2e-2, rtol=1e-2)
+    np.testing.assert_allclose(small.pool[small.rows[j, 0]], prefix160(images.load(items[i].path, 160, crop)),
+                               atol=2e-2, rtol=1e-2)
+
+    # Only the views asked for (those the epochs draw): the others are neither computed nor cached.
+    slots = np.array([[True, False, True], [False, False, False], [True, True, False]])
+    some = prefix_activations(items, bb, 14, tmp_path / "fresh", slots=slots, **kw)
+    assert some.timing["computed"] == len(items) + 2  # every centre view, and 2 distorted ones
+    np.testing.assert_array_equal(some.rows, [[0, -1, 1], [2, -1, -1], [3, 4, -1]])
+    np.testing.assert_array_equal(some.pool[some.rows[0, 2]], pool[at[0, 2]])
+    np.testing.assert_array_equal(some.pool[some.rows[2, 1]], pool[at[2, 1]])
+    np.testing.assert_array_equal(some.centre, centre)
+    assert prefix_activations(items, bb, 14, tmp_path / "fresh", **kw).timing["computed"] == 4  # the 4 others
 
 
 def test_recent_decodes_opens_each_photo_once_for_all_its_views(tmp_path):
@@ -353,8 +366,8 @@ def test_the_last_epochs_train_at_the_side_the_model_is_scored_at(tmp_path):
     net = Trainable(tail, torch.nn.Identity(), torch.nn.Linear(8, 3), "cpu")
     rng = np.random.default_rng(0)
     n, small, full = 70, (4, 2, 2), (4, 3, 3)
-    data = ActivationData(rng.normal(size=(n, 3, 16)).astype(np.float16), np.ones((n, 3), bool),
-                          torch.from_numpy(rng.integers(0, 3, n)),
+    data = ActivationData(rng.normal(size=(3 * n, 16)).astype(np.float16), np.arange(3 * n).reshape(n, 3),
+                          finetune.view_draws(0, n, 2, 4), torch.from_numpy(rng.integers(0, 3, n)),
                           torch.from_numpy(rng.normal(size=(5, *full)).astype(np.float32)),
                           torch.from_numpy(rng.integers(0, 3, 5)), full, small,
                           rng.normal(size=(n, 36)).astype(np.float16))
@@ -366,3 +379,49 @@ def test_the_last_epochs_train_at_the_side_the_model_is_scored_at(tmp_path):
     assert finetune.FULL_SIDE_EPOCHS == 2
     assert training == [2] * (2 * steps) + [3] * (2 * steps)
     assert {side for is_training, side in seen if not is_training} == {3}
+
+
+def test_each_epoch_trains_on_the_views_drawn_up_front(tmp_path, monkeypatch):
+    """The views are drawn from the seed before any is computed (view_draws): only those are asked
+    for (drawn_slots: about 4.6 of 7 a photo over 6 epochs), and each epoch trains every photo on
+    its drawn view, or on its centre view where the drawn one could not be read."""
+    import numpy as np
+    import torch
+
+    from retrain import finetune
+    from retrain.config import FitConfig
+    from retrain.finetune import ActivationData, Trainable, drawn_slots, make_loop, train_epochs, view_draws
+    from retrain.progress import Log
+
+    draws = view_draws(3, 2000, 6, 8)
+    np.testing.assert_array_equal(draws, view_draws(3, 2000, 6, 8))  # the seed alone decides
+    assert not np.array_equal(draws, view_draws(4, 2000, 6, 8))
+    assert draws.min() == 0 and draws.max() == 6
+    slots = drawn_slots(draws, 6, 6)  # the 6 epochs at 160 px of the default recipe
+    assert slots[:, 0].all() and slots[np.arange(2000), draws[5]].all()
+    assert not slots[np.arange(2000), draws[7]].all()  # the last 2 epochs draw nothing from the pool
+    assert 4.4 < slots.sum(1).mean() < 4.9  # 1 + 6 (1 - (6/7)^6) = 4.62: a third of the views never computed
+
+    monkeypatch.setattr(finetune, "MIXUP_ALPHA", 0.0)  # the rows reach the tail as they are
+    torch.manual_seed(0)
+    tail = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 8))
+    read = []  # the pool rows of every training batch: each row holds its own index
+    tail.register_forward_pre_hook(lambda m, args: read.append(args[0][:, 0, 0, 0].round().long().tolist())
+                                   if m.training else None)
+    net = Trainable(tail, torch.nn.Identity(), torch.nn.Linear(8, 3), "cpu")
+    n, views, epochs = 70, 2, 3
+    rows = np.arange(n * 3).reshape(n, 3).astype(np.int32)
+    rows[4, 1:] = -1  # a photo whose distorted views could not be read
+    pool = np.repeat(np.arange(n * 3, dtype=np.float16)[:, None], 4, axis=1)
+    rng = np.random.default_rng(0)
+    draws = view_draws(0, n, views, epochs)
+    data = ActivationData(pool, rows, draws, torch.from_numpy(rng.integers(0, 3, n)),
+                          torch.zeros(5, 4, 1, 1), torch.from_numpy(rng.integers(0, 3, 5)), (4, 1, 1))
+    train_epochs(make_loop(FitConfig(image_dir=str(tmp_path), epochs=epochs, quiet=True), net, data, "test",
+                           tmp_path / "checkpoint.pt", "cpu", Log.silent()))
+    steps = -(-n // finetune.BATCH)
+    for e in range(epochs):
+        got = sorted(r for batch in read[e * steps:(e + 1) * steps] for r in batch)
+        want = [rows[i, draws[e, i]] if rows[i, draws[e, i]] >= 0 else rows[i, 0] for i in range(n)]
+        assert got == sorted(want)
+    assert any(draws[e, 4] > 0 for e in range(epochs))  # photo 4 drew an unreadable view at least once

@@ -77,7 +77,7 @@ def _tiny_loop(folder: Path, rank: int = 0, world: int = 1):
     import torch
 
     from retrain.config import FitConfig
-    from retrain.finetune import ActivationData, Trainable, make_loop
+    from retrain.finetune import ActivationData, Trainable, make_loop, view_draws
     from retrain.progress import Log
 
     torch.manual_seed(0)
@@ -86,9 +86,9 @@ def _tiny_loop(folder: Path, rank: int = 0, world: int = 1):
     net = Trainable(tail, torch.nn.Identity(), torch.nn.Linear(8, 3), "cpu")
     rng = np.random.default_rng(0)
     n, shape = 131, (4, 3, 3)
-    good = np.ones((n, 3), bool)
-    good[5, 1:] = False  # a photo whose distorted views could not be read
-    data = ActivationData(rng.normal(size=(n, 3, 36)).astype(np.float16), good,
+    rows = np.arange(3 * n).reshape(n, 3)
+    rows[5, 1:] = -1  # a photo whose distorted views could not be read
+    data = ActivationData(rng.normal(size=(3 * n, 36)).astype(np.float16), rows, view_draws(0, n, 2, 3),
                           torch.from_numpy(rng.integers(0, 3, n)), torch.from_numpy(
                               rng.normal(size=(5, *shape)).astype(np.float32)),
                           torch.from_numpy(rng.integers(0, 3, 5)), shape)
