@@ -107,11 +107,32 @@ def profile() -> int:
     step, _, _ = build({})
     with heap_kept():  # as the baseline is timed
         step(), step()  # warm-up
-        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             for _ in range(3):
                 step()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    # The convolutions by kind: depthwise (a weight of shape (C, 1, k, k)) or not (1x1 here).
+    ms: dict = {}
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.key in ("aten::mkldnn_convolution", "aten::convolution_backward") and len(e.input_shapes) > 2:
+            w = e.input_shapes[1] if e.key == "aten::mkldnn_convolution" else e.input_shapes[2]
+            kind = "depthwise" if len(w) == 4 and w[1] == 1 else "pointwise (1x1)"
+            part = "forward" if e.key == "aten::mkldnn_convolution" else "backward"
+            ms[(kind, part)] = ms.get((kind, part), 0.0) + e.self_cpu_time_total / 1000 / 3
+    total = prof.key_averages().total_average().self_cpu_time_total / 1000 / 3
+    print(f"\nOne step: {total:.0f} ms of CPU time (batch {finetune_batch()})\n")
+    print("| convolutions | forward, ms | backward, ms | share of the step |")
+    print("|---|---:|---:|---:|")
+    for kind in ("pointwise (1x1)", "depthwise"):
+        f, b = ms.get((kind, "forward"), 0.0), ms.get((kind, "backward"), 0.0)
+        print(f"| {kind} | {f:.0f} | {b:.0f} | {(f + b) / total:.0%} |")
     return 0
+
+
+def finetune_batch() -> int:
+    from retrain import finetune
+
+    return finetune.BATCH
 
 
 def main() -> int:

@@ -180,6 +180,10 @@ def fine_tune(cfg, bb, items, y, parts, *, W0, b0, views=0, distortions=None, ca
     data = ActivationData.build(acts, draws, y, parts, device)
     k = int(W0.shape[1])
     sig = _signature(cfg, start, k, len(parts["train"]), views, distortions, side)
+    # Seeded again here: building a network (to export the frozen part, or to learn its shape)
+    # draws from torch's generator, so without this the dropout and stochastic-depth masks, and so
+    # the model, would depend on what the cache already held.
+    torch.manual_seed(cfg.seed)
     loop = make_loop(cfg, net, data, sig, checkpoint, device, log)
     best, history = (run_epochs or train_epochs)(loop)
 

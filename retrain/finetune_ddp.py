@@ -326,7 +326,6 @@ def train_rank(folder: Path, spec: dict, rank: int, world: int, local_rank: int)
             backend, device_ids = "nccl", [local_rank]
     dist.init_process_group(backend, store=dist.FileStore(str(folder / "store"), world), rank=rank,
                             world_size=world)
-    torch.manual_seed(cfg.seed + 1_000_003 * rank)  # dropout and stochastic depth: other masks on each rank
     bb = plan_backbone(cfg, "fp32", log=Log.silent())[0].tuned_network
     W0 = np.load(folder / "W0.npy", allow_pickle=False)
     b0 = np.load(folder / "b0.npy", allow_pickle=False)
@@ -339,6 +338,9 @@ def train_rank(folder: Path, spec: dict, rank: int, world: int, local_rank: int)
                else {"broadcast_buffers": False})  # the first name is torch 2.13's, the second older ones'
     net.ddp = ddp(torch.nn.Sequential(net.tail, net.drop, net.head), device_ids=device_ids, **no_sync)
     log = Log(cfg.quiet) if rank == 0 else Log.silent()
+    # Dropout and stochastic depth: other masks on each rank; seeded where one process seeds
+    # (retrain.finetune.fine_tune), after the networks are built, so rank 0 draws as it would.
+    torch.manual_seed(cfg.seed + 1_000_003 * rank)
     loop = make_loop(cfg, net, data, spec["signature"], Path(spec["checkpoint"]), device, log, rank=rank,
                      world=world)
     best, history = train_epochs(loop)

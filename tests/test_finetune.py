@@ -109,6 +109,27 @@ def test_fine_tune_one_epoch_exports_a_self_contained_model(tmp_path):
 
 
 @pytest.mark.slow
+def test_the_same_fine_tune_whatever_the_cache_held(tmp_path):
+    """A fit that exports the frozen part's graph (the first fine-tune at that split) and one that
+    finds it exported train alike: building a network draws from torch's generator, and the
+    masks of dropout and stochastic depth must not depend on it."""
+    from retrain.files import cache_root
+
+    data = make_dataset(tmp_path / "images", per_class=8)
+    losses = []
+    for run in ("exports", "finds"):
+        if run == "exports":
+            for graph in (cache_root() / "backbones").glob("*-prefix15.onnx"):
+                graph.unlink()
+        out = tmp_path / run
+        p = run_cli("fit", data, "-o", out, "--fine-tune", "--epochs", "1", "--unfreeze", "1",
+                    "--cache-dir", tmp_path / f"cache-{run}")
+        assert ("Exporting the frozen part" in p.stderr) == (run == "exports")
+        losses.append(json.loads((out / "report.json").read_text())["train"]["fine_tune"]["history"][0]["train_loss"])
+    assert losses[0] == pytest.approx(losses[1], abs=1e-4)
+
+
+@pytest.mark.slow
 def test_interrupted_fine_tune_resumes(tmp_path):
     """kill -9 after the first epoch's checkpoint; --resume carries on from it."""
     data = make_dataset(tmp_path / "images", per_class=8)

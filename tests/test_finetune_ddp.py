@@ -159,7 +159,7 @@ def _labels(run: Path) -> dict:
 def test_fit_on_two_processes_labels_like_one(tmp_path):
     """`retrain fit --fine-tune --nproc 2` on the example flowers: a model like one process's.
     Their epochs differ only by the dropout masks (every process draws the same photos, views
-    and mixing): the first batch's loss is the same to a few thousandths, while another seed
+    and mixing): the first batch's loss is the same to about a hundredth, while another seed
     changes it by tenths; the labels and the validation accuracy agree within a seed's spread."""
     runs, scratch = {}, tmp_path / "tmp"
     scratch.mkdir()
