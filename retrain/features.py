@@ -220,47 +220,6 @@ def quantize_backbone_int8(bb: Backbone, fp32_path: Path, *, log=None) -> Path:
                        "onnxruntime": ort.__version__}, f, indent=1)
         os.replace(q, out)
     return out
-    log = log or Log.silent()
-    log(f"Quantizing {bb.name} to int8 once (calibrated on {len(calibration_files())} photos) ...")
-    import numpy as np
-    import onnxruntime as ort
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    from retrain import images
-
-    x = images.normalize(np.stack([images.load(str(p), bb.image_size, bb.crop_fraction)
-                                   for p in calibration_files()]), bb.mean, bb.std)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter([{"input": x[i:i + 8]} for i in range(0, len(x), 8)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmpdir:
-        pre = os.path.join(tmpdir, "pre.onnx")
-        q = os.path.join(tmpdir, "q.onnx")
-        quant_pre_process(str(fp32_path), pre)
-        cwd = os.getcwd()
-        os.chdir(tmpdir)  # the quantizer leaves scratch files in the working folder
-        try:
-            quantize_static(pre, q, Reader(), quant_format=QuantFormat.QOperator, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-        finally:
-            os.chdir(cwd)
-        ref = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
-        got = ort.InferenceSession(q, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
-        cos = float(((ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1) + 1e-12)).mean())
-        if cos < 0.98:
-            raise RuntimeError(f"int8 {bb.name} features disagree with fp32 (mean cosine {cos:.4f})")
-        with open(out.with_suffix(".json"), "w") as f:
-            json.dump({"backbone": bb.name, "precision": "int8", "fingerprint": bb.fingerprint("int8"),
-                       "calibration_photos": len(x), "mean_cosine_vs_fp32": cos,
-                       "onnxruntime": ort.__version__}, f, indent=1)
-        os.replace(q, out)
-    return out
 
 
 def export_classifier(bb: Backbone, path: Path) -> Path:
