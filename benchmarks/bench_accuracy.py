@@ -230,15 +230,14 @@ def main() -> int:
                              f"(min {min(acc):.2%}, max {max(acc):.2%})")
     chosen = [r for r in rows if r["train"].get("fine_tune", {}).get("final_layer")]
     if chosen:
-        lines += ["", "Final layer after fine-tuning (the lower calibrated validation cross entropy is kept; an "
-                  "L-BFGS one is refitted on train + validation):", ""]
+        lines += ["", "Final layer after fine-tuning (the lowest calibrated validation cross entropy is kept; an "
+                  "L-BFGS one is refitted on train + validation, alone or in a weighted sum):", ""]
         for r in chosen:
             fl = r["train"]["fine_tune"]["final_layer"]
-            lines.append(f"- {r['config']}: {fl['chosen']}; calibrated validation cross entropy "
-                         f"{fl['fine-tuned']['validation_calibrated_cross_entropy']:.4f} fine-tuned head "
-                         f"({fl['fine-tuned']['validation_accuracy']:.2%}), "
-                         f"{fl['lbfgs']['validation_calibrated_cross_entropy']:.4f} L-BFGS at L2 {fl['lbfgs']['l2']:g} "
-                         f"({fl['lbfgs']['validation_accuracy']:.2%})")
+            cands = "; ".join(f"{name} {s['validation_calibrated_cross_entropy']:.4f} ({s['validation_accuracy']:.2%})"
+                              for name, s in fl.items() if name != "chosen")
+            lines.append(f"- {r['config']}: {fl['chosen']}; calibrated validation cross entropy (accuracy): {cands}; "
+                         f"L-BFGS at L2 {fl['lbfgs']['l2']:g}")
     lines += ["", "Per-class test recall:", ""]
     for r in rows:
         lines.append(f"- {r['config']}: " + ", ".join(f"{c} {v:.1%}" for c, v in r["test_per_class_recall"].items()))

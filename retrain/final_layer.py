@@ -13,7 +13,12 @@ from pathlib import Path
 import numpy as np
 
 from retrain.fit_data import Data, Plan, checkpoint_path
-from retrain.head import LBFGS_MAX_ITER, SGD_LEARNING_RATE, SGD_STEPS, Head, train_lbfgs, train_sgd
+from retrain.head import LBFGS_MAX_ITER, SGD_LEARNING_RATE, SGD_STEPS, Head, train_lbfgs, train_sgd, weighted_sum
+
+# After fine-tuning, the final layer may also be a weighted sum of the fine-tuned head's and the
+# L-BFGS head's calibrated logits: these weights of the fine-tuned one, chosen on validation with
+# the two heads alone (BENCHMARKS.md, issue 15, tenth pass).
+BLEND_WEIGHTS = (0.25, 0.5, 0.75)
 
 
 def loss_weights(cfg) -> str | None:
@@ -126,9 +131,11 @@ def start_head(plan: Plan, data: Data, C0: int, log) -> tuple[Head, dict]:
 
 def final_layer_on_fine_tuned(plan: Plan, data: Data, tuned: Head, train_info: dict, log) -> tuple[Head, Head]:
     """After fine-tuning: the head that fine-tuning trained (with dropout, mixup and label smoothing,
-    on distorted views) against an L-BFGS head on the fine-tuned features of the training photos'
-    centre views, L2 chosen on validation; the lower calibrated validation cross entropy is kept.
-    An L-BFGS head is then refitted on train + validation, as without --fine-tune.
+    on distorted views, on the tuned network's features alone), an L-BFGS head on the fine-tuned
+    features of the training photos' centre views beside the frozen networks' (L2 chosen on
+    validation), and their weighted sums (BLEND_WEIGHTS of the fine-tuned one's calibrated
+    logits); the lowest calibrated validation cross entropy is kept. The L-BFGS head is then
+    refitted on train + validation, as without --fine-tune (in a sum as well).
     Returns (the final head, the selection head that scores validation)."""
     from retrain.calibrate import fit_temperature, nll
 
@@ -141,18 +148,30 @@ def final_layer_on_fine_tuned(plan: Plan, data: Data, tuned: Head, train_info: d
     max_iter = cfg.how_many_training_steps or LBFGS_MAX_ITER
     lbfgs, l2, _, grid = train_lbfgs(data.X[tr], data.y[tr], data.X[va], data.y[va], k, l2=cfg.l2,
                                      max_iter=max_iter, weights=weights)
+    yv = data.y[va]
 
     def on_validation(h: Head) -> dict:
-        z, yv = h.logits(data.X[va]).astype(np.float64), data.y[va]
+        z = h.logits(data.X[va]).astype(np.float64)
+        T = fit_temperature(z, yv)
         return {"validation_accuracy": float((z.argmax(1) == yv).mean()),
-                "validation_calibrated_cross_entropy": nll(z, yv, fit_temperature(z, yv))}
+                "validation_calibrated_cross_entropy": nll(z, yv, T), "temperature": T}
 
     scores = {"fine-tuned": on_validation(tuned), "lbfgs": on_validation(lbfgs) | {"l2": l2, "grid": grid}}
+    T_ft, T_lb = scores["fine-tuned"]["temperature"], scores["lbfgs"]["temperature"]
+
+    def blend(a: float, h_lbfgs: Head) -> Head:  # a of the fine-tuned head's calibrated logits
+        return weighted_sum([(a / T_ft, tuned), ((1 - a) / T_lb, h_lbfgs)])
+
+    for a in BLEND_WEIGHTS:
+        scores[f"blend {a:g}"] = on_validation(blend(a, lbfgs)) | {"fine_tuned_weight": a}
     ce = {name: s["validation_calibrated_cross_entropy"] for name, s in scores.items()}
-    chosen = "lbfgs" if ce["lbfgs"] < ce["fine-tuned"] else "fine-tuned"
+    chosen = min(ce, key=lambda name: (ce[name], name != "fine-tuned"))  # a tie keeps the simplest
     train_info["fine_tune"]["final_layer"] = {"chosen": chosen, **scores}
-    log(f"Final layer after fine-tuning: {'L-BFGS on the fine-tuned features' if chosen == 'lbfgs' else 'the fine-tuned one'}"
-        f" (calibrated validation cross entropy {ce['lbfgs']:.4f} L-BFGS, L2 {l2:g}, against {ce['fine-tuned']:.4f})")
+    a = scores[chosen].get("fine_tuned_weight", 0.0)
+    what = {"fine-tuned": "the fine-tuned one", "lbfgs": "L-BFGS on the fine-tuned features"}.get(
+        chosen, f"the calibrated logits of the fine-tuned one x {a:g} + L-BFGS's x {1 - a:g}")
+    log(f"Final layer after fine-tuning: {what} (calibrated validation cross entropy {ce[chosen]:.4f}; "
+        f"fine-tuned {ce['fine-tuned']:.4f}, L-BFGS {ce['lbfgs']:.4f} at L2 {l2:g})")
     if chosen == "fine-tuned":
         return tuned, tuned
     idx = np.concatenate([tr, va])
@@ -161,7 +180,9 @@ def final_layer_on_fine_tuned(plan: Plan, data: Data, tuned: Head, train_info: d
     train_info["refit"] = {"on": "train + validation", "n": int(len(idx)), "l2": l2,
                            "features": "fine-tuned", "seconds": round(time.perf_counter() - t0, 3)}
     log(f"Final layer refitted on train + validation ({len(idx)} photos, L2 {l2:g})")
-    return final, lbfgs
+    if chosen == "lbfgs":
+        return final, lbfgs
+    return blend(a, final), blend(a, lbfgs)
 
 
 def score(head: Head, data: Data, temperature: float, selection: Head | None = None) -> dict:

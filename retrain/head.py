@@ -42,6 +42,15 @@ class Head:
         return W.astype(np.float32), (self.b - (self.mu / self.sigma) @ self.W).astype(np.float32)
 
 
+def weighted_sum(parts) -> Head:
+    """One head whose logits are the weighted sum of those of `parts` ((weight, Head) pairs) on
+    the same features: each head is linear, so their sum is one too, exact, and it exports as
+    any head does."""
+    W = sum(w * h.W / h.sigma[:, None] for w, h in parts)
+    b = sum(w * (h.b - (h.mu / h.sigma) @ h.W) for w, h in parts)
+    return Head(W, b, np.zeros(W.shape[0]), np.ones(W.shape[0]))
+
+
 def softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)

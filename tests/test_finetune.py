@@ -219,11 +219,10 @@ def test_after_fine_tuning_the_final_layer_is_the_better_one_on_validation_and_l
     tr, va, te = data.split
     C = data.X.shape[1]
 
-    # A head fine-tuning left far from the optimum (weights 10x too small): L-BFGS's wins.
+    # A head fine-tuning left wrong (each class with the next one's weights): L-BFGS's wins, alone.
     good = train_lbfgs(data.X[tr], data.y[tr], data.X[va], data.y[va], 5)[0]
     weak = Head(*good.folded(), np.zeros(C), np.ones(C))
-    weak.W = weak.W * 0.1
-    weak.W[:, [0, 1]] = weak.W[:, [1, 0]]  # and two classes swapped: clearly worse on validation
+    weak.W = np.roll(weak.W, 1, axis=1)
     info = {"fine_tune": {}}
     final, selection = final_layer_on_fine_tuned(plan, data, weak, info, Log.silent())
     fl = info["fine_tune"]["final_layer"]
@@ -242,6 +241,38 @@ def test_after_fine_tuning_the_final_layer_is_the_better_one_on_validation_and_l
     final, selection = final_layer_on_fine_tuned(plan, data, strong, info, Log.silent())
     assert info["fine_tune"]["final_layer"]["chosen"] == "fine-tuned" and "refit" not in info
     assert final is selection is strong
+
+
+def test_after_fine_tuning_a_weighted_sum_of_the_two_heads_is_kept_where_validation_prefers_it():
+    """A fine-tuned head weaker alone than L-BFGS's but knowing something it does not (here: a few
+    features, trained on photos L-BFGS's head never saw): the sum of their calibrated logits
+    scores validation better than either, is kept, and learns from validation like L-BFGS's."""
+    import numpy as np
+
+    from retrain.calibrate import fit_temperature, nll
+    from retrain.final_layer import BLEND_WEIGHTS, final_layer_on_fine_tuned
+    from retrain.head import Head, train_lbfgs
+    from retrain.progress import Log
+
+    plan, data = _fine_tuned_data()
+    tr, va, te = data.split
+    C, few = data.X.shape[1], 48
+    seen = np.concatenate([tr, va])
+    h = train_lbfgs(data.X[seen][:, :few], data.y[seen], data.X[:0, :few], data.y[:0], 5, l2=1e-1)[0]
+    W, b = h.folded()
+    tuned = Head(np.pad(W, ((0, C - few), (0, 0))), b.astype(np.float64), np.zeros(C), np.ones(C))
+    info = {"fine_tune": {}}
+    final, selection = final_layer_on_fine_tuned(plan, data, tuned, info, Log.silent())
+    fl = info["fine_tune"]["final_layer"]
+    ce = {name: s["validation_calibrated_cross_entropy"] for name, s in fl.items() if name != "chosen"}
+    assert fl["chosen"].startswith("blend") and fl[fl["chosen"]]["fine_tuned_weight"] in BLEND_WEIGHTS
+    assert ce[fl["chosen"]] == min(ce.values()) < min(ce["fine-tuned"], ce["lbfgs"]) - 0.02
+    # The selection head is that sum, as recorded; the final one sums the refitted L-BFGS head instead.
+    zva, yva = selection.logits(data.X[va]), data.y[va]
+    assert nll(zva, yva, fit_temperature(zva, yva)) == pytest.approx(ce[fl["chosen"]], rel=1e-6)
+    assert info["refit"]["n"] == len(seen)
+    fit_va = lambda h: (h.logits(data.X[va]).argmax(1) == data.y[va]).mean()  # noqa: E731
+    assert fit_va(final) > fit_va(selection)
 
 
 def test_prefix_activations_pool_holds_each_training_photos_centre_and_its_own_views(tmp_path):

@@ -82,6 +82,19 @@ def test_bad_values_are_refused(change, msg):
         validate_config(FitConfig(image_dir="x", **change))
 
 
+def test_weighted_sum_of_heads_is_one_head_with_their_summed_logits():
+    from retrain.head import weighted_sum
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(60, 8)), np.arange(60) % 3
+    a = train_lbfgs(X[:40], y[:40], X[40:], y[40:], 3)[0]
+    b = Head(rng.normal(size=(8, 3)), rng.normal(size=3), rng.normal(size=8), rng.uniform(0.5, 2, size=8))
+    s = weighted_sum([(0.3, a), (1.7, b)])
+    np.testing.assert_allclose(s.logits(X), 0.3 * a.logits(X) + 1.7 * b.logits(X), rtol=1e-10, atol=1e-10)
+    W, b0 = s.folded()  # and exports as any head does
+    np.testing.assert_allclose(X @ W + b0, s.logits(X), rtol=1e-4, atol=1e-4)
+
+
 def test_head_probabilities_sum_to_one():
     h = Head(np.eye(4, 3), np.zeros(3), np.zeros(4), np.ones(4))
     p = h.probs(np.random.default_rng(0).normal(size=(5, 4)))
