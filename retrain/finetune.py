@@ -23,10 +23,10 @@ with the best calibrated validation cross entropy is kept; in the second half of
 training stops after PATIENCE epochs without improvement. A checkpoint (torch.save of tensors only) is written after each epoch;
 `--resume` continues an interrupted fine-tune from it (loaded with weights_only=True).
 It trains one network: of the default Lite0 + Lite1, Lite0 (Backbone.tuned_network), Lite1
-staying frozen beside it. After it, fit keeps this head or an L-BFGS one on the fine-tuned
-features beside the frozen networks' ones, whichever validation prefers, refitted on train +
-validation (retrain.final_layer.final_layer_on_fine_tuned), and the model is one graph of all
-the networks.
+staying frozen beside it. After it, fit keeps this head, an L-BFGS one on the fine-tuned
+features beside the frozen networks' ones (refitted on train + validation), or a weighted sum of
+the two, whichever validation prefers (retrain.final_layer.final_layer_on_fine_tuned), and the
+model is one graph of all the networks.
 
 The result is exported as the same self-contained ONNX model as a head-only fit: the whole
 backbone with the fine-tuned weights, plus the head. The split of the backbone (prefix, tail,
