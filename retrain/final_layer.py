@@ -16,8 +16,8 @@ from retrain.fit_data import Data, Plan, checkpoint_path
 from retrain.head import LBFGS_MAX_ITER, SGD_LEARNING_RATE, SGD_STEPS, Head, train_lbfgs, train_sgd, weighted_sum
 
 # After fine-tuning, the final layer may also be a weighted sum of the fine-tuned head's and the
-# L-BFGS head's calibrated logits: these weights of the fine-tuned one, chosen on validation with
-# the two heads alone (BENCHMARKS.md, issue 15, tenth pass).
+# L-BFGS head's calibrated logits, with these weights of the fine-tuned one; validation chooses
+# among them and the two heads alone (BENCHMARKS.md, issue 15, tenth pass: a sum in all 3 seeds).
 BLEND_WEIGHTS = (0.25, 0.5, 0.75)
 
 
