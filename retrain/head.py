@@ -36,18 +36,22 @@ class Head:
     def probs(self, X: np.ndarray, temperature: float = 1.0) -> np.ndarray:
         return softmax(self.logits(X) / temperature)
 
+    def on_raw(self) -> tuple[np.ndarray, np.ndarray]:
+        """(W', b') acting on raw features, in the head's own precision: the standardisation folded in."""
+        return self.W / self.sigma[:, None], self.b - (self.mu / self.sigma) @ self.W
+
     def folded(self) -> tuple[np.ndarray, np.ndarray]:
-        """(W', b') acting on raw features: the standardisation folded into the weights."""
-        W = self.W / self.sigma[:, None]
-        return W.astype(np.float32), (self.b - (self.mu / self.sigma) @ self.W).astype(np.float32)
+        """(W', b') acting on raw features, float32 as the model file holds them."""
+        W, b = self.on_raw()
+        return W.astype(np.float32), b.astype(np.float32)
 
 
 def weighted_sum(parts) -> Head:
     """One head whose logits are the weighted sum of those of `parts` ((weight, Head) pairs) on
     the same features: each head is linear, so their sum is one too, exact, and it exports as
     any head does."""
-    W = sum(w * h.W / h.sigma[:, None] for w, h in parts)
-    b = sum(w * (h.b - (h.mu / h.sigma) @ h.W) for w, h in parts)
+    raw = [(w, h.on_raw()) for w, h in parts]
+    W, b = sum(w * Wb[0] for w, Wb in raw), sum(w * Wb[1] for w, Wb in raw)
     return Head(W, b, np.zeros(W.shape[0]), np.ones(W.shape[0]))
 
 
