@@ -51,6 +51,10 @@ VARIANTS = {
     "side-160-last-224": ({"TRAIN_SIDE_RATIO": 160 / 224, "FULL_SIDE_EPOCHS": 1}, []),
     "side-160-last-2-224": ({"TRAIN_SIDE_RATIO": 160 / 224, "FULL_SIDE_EPOCHS": 2}, []),
     "10-epochs": ({}, ["--epochs", "10"]),  # 8 at 160 px, the last 2 at 224 px
+    "side-160-last-3-224": ({"TRAIN_SIDE_RATIO": 160 / 224, "FULL_SIDE_EPOCHS": 3}, []),
+    "9-epochs-last-3-224": ({"FULL_SIDE_EPOCHS": 3}, ["--epochs", "9"]),
+    "side-160-last-4-224": ({"FULL_SIDE_EPOCHS": 4}, []),
+    "side-160-last-5-224": ({"FULL_SIDE_EPOCHS": 5}, []),
     "default": ({}, []),  # as shipped: --unfreeze 8, 6 strong views, 8 epochs, mixup 0.2, dropout 0.2
 }
 
