@@ -45,17 +45,19 @@ VARIANTS = {
     "3-views-5-epochs": ({"DEFAULT_VIEWS": 3}, ["--epochs", "5"]),
     "6-views-4-epochs": ({}, ["--epochs", "4"]),
     # Training views at a smaller side than the centre views (FixRes): every epoch costs less.
-    "side-192": ({"TRAIN_SIDE_RATIO": 192 / 224}, []),
-    "side-176": ({"TRAIN_SIDE_RATIO": 176 / 224}, []),
-    "side-160": ({"TRAIN_SIDE_RATIO": 160 / 224}, []),
+    # Each pins FULL_SIDE_EPOCHS, so that it keeps meaning what it measured when the default moves.
+    "side-192": ({"TRAIN_SIDE_RATIO": 192 / 224, "FULL_SIDE_EPOCHS": 0}, []),
+    "side-176": ({"TRAIN_SIDE_RATIO": 176 / 224, "FULL_SIDE_EPOCHS": 0}, []),
+    "side-160": ({"TRAIN_SIDE_RATIO": 160 / 224, "FULL_SIDE_EPOCHS": 0}, []),
     "side-160-last-224": ({"TRAIN_SIDE_RATIO": 160 / 224, "FULL_SIDE_EPOCHS": 1}, []),
     "side-160-last-2-224": ({"TRAIN_SIDE_RATIO": 160 / 224, "FULL_SIDE_EPOCHS": 2}, []),
-    "10-epochs": ({}, ["--epochs", "10"]),  # 8 at 160 px, the last 2 at 224 px
+    "10-epochs": ({"FULL_SIDE_EPOCHS": 2}, ["--epochs", "10"]),  # 8 at 160 px, the last 2 at 224 px
     "side-160-last-3-224": ({"TRAIN_SIDE_RATIO": 160 / 224, "FULL_SIDE_EPOCHS": 3}, []),
     "9-epochs-last-3-224": ({"FULL_SIDE_EPOCHS": 3}, ["--epochs", "9"]),
-    "side-160-last-4-224": ({"FULL_SIDE_EPOCHS": 4}, []),
-    "side-160-last-5-224": ({"FULL_SIDE_EPOCHS": 5}, []),
-    "default": ({}, []),  # as shipped: --unfreeze 8, 6 strong views, 8 epochs, mixup 0.2, dropout 0.2
+    "side-160-last-4-224": ({"TRAIN_SIDE_RATIO": 160 / 224, "FULL_SIDE_EPOCHS": 4}, []),  # shipped since
+    "side-160-last-5-224": ({"TRAIN_SIDE_RATIO": 160 / 224, "FULL_SIDE_EPOCHS": 5}, []),
+    # As shipped: --unfreeze 8, 6 strong views, 8 epochs (4 at 160 px, 4 at 224 px), mixup 0.2, dropout 0.2.
+    "default": ({}, []),
 }
 
 RUNNER = """
