@@ -17,8 +17,7 @@ SCRIPT = textwrap.dedent("""
         with ctrl_c_outside_imports():
             press_soon(0.2)
             import slow_module  # takes 0.6 s; the Ctrl-C lands in the middle
-            print("import finished", slow_module.done, flush=True)
-            time.sleep(5)
+            time.sleep(5)  # the deferred Ctrl-C lands here, at most 20 ms after the import
     except KeyboardInterrupt:
         print("interrupted after", round(time.monotonic() - t0, 1), "import complete:",
               "slow_module" in sys.modules and sys.modules["slow_module"].done, flush=True)
@@ -37,8 +36,10 @@ def test_ctrl_c_inside_an_import_is_raised_after_the_import(tmp_path):
                        timeout=60)
     out = p.stdout.splitlines()
     assert p.returncode == 0, p.stderr
-    assert out[0] == "import finished True"  # the import was not cut in half
-    assert out[1].startswith("interrupted after") and out[1].endswith("import complete: True")
-    assert float(out[1].split()[2]) < 2.0  # raised right after the import, not after the 5 s sleep
-    assert out[2].startswith("plain sleep interrupted")
-    assert float(out[2].split()[-1]) < float(out[1].split()[2]) + 2.0
+    # The import was not cut in half: a KeyboardInterrupt inside it would have left no complete
+    # slow_module in sys.modules. (Nothing is printed inside the block: the deferred Ctrl-C may
+    # land in any statement after the import, a print included.)
+    assert out[0].startswith("interrupted after") and out[0].endswith("import complete: True")
+    assert 0.6 <= float(out[0].split()[2]) < 2.0  # raised right after the import, not after the 5 s sleep
+    assert out[1].startswith("plain sleep interrupted")
+    assert float(out[1].split()[-1]) < float(out[0].split()[2]) + 2.0
