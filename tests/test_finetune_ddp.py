@@ -102,11 +102,16 @@ def _state(loop) -> dict:
 
 
 def _rank(rank: int, world: int, folder: str) -> None:  # torch.multiprocessing.spawn's target
+    import faulthandler
+
     import torch
     import torch.distributed as dist
 
     from retrain.finetune import train_epochs
 
+    # A rank killed by a signal (one SIGABRT in CI, "terminate called without an active
+    # exception", not reproduced in 50 runs since) prints where its Python code stood.
+    faulthandler.enable()
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(f"{folder}/store", world), rank=rank, world_size=world)
     loop = _tiny_loop(Path(folder), rank, world)
