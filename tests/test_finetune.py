@@ -423,13 +423,13 @@ def test_the_last_epochs_train_at_the_side_the_model_is_scored_at(tmp_path):
                           torch.from_numpy(rng.normal(size=(5, *full)).astype(np.float32)),
                           torch.from_numpy(rng.integers(0, 3, 5)), full, small,
                           rng.normal(size=(n, 36)).astype(np.float16))
-    full = finetune.FULL_SIDE_EPOCHS
-    cfg = FitConfig(image_dir=str(tmp_path), epochs=full + 2, quiet=True)
+    n_full = finetune.FULL_SIDE_EPOCHS  # not `full`, the shape above
+    cfg = FitConfig(image_dir=str(tmp_path), epochs=n_full + 2, quiet=True)
     train_epochs(make_loop(cfg, net, data, "test", tmp_path / "checkpoint.pt", "cpu", Log.silent()))
 
     steps = -(-n // finetune.BATCH)
     training = [side for is_training, side in seen if is_training]
-    assert full >= 1 and training == [2] * (2 * steps) + [3] * (full * steps)
+    assert n_full >= 1 and training == [2] * (2 * steps) + [3] * (n_full * steps)
     assert {side for is_training, side in seen if not is_training} == {3}
 
 
